@@ -1,0 +1,13 @@
+# OpenSSL libcrypto declarations used by the packet path (kept apart from the logic, uvloop-style).
+# The low-level SHA1_* calls are deprecated in OpenSSL 3 but remain the cheapest way to clone a
+# precomputed HMAC inner/outer state per packet: one memcpy of a SHA_CTX, no allocation.
+
+cdef extern from "openssl/sha.h" nogil:
+    ctypedef struct SHA_CTX:
+        pass
+    int SHA1_Init(SHA_CTX *c)
+    int SHA1_Update(SHA_CTX *c, const void *data, size_t len)
+    int SHA1_Final(unsigned char *md, SHA_CTX *c)
+
+cdef extern from "openssl/crypto.h" nogil:
+    int CRYPTO_memcmp(const void *a, const void *b, size_t len)
