@@ -36,6 +36,12 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(seconds=args.seconds, rooms=args.rooms, as_json=args.json)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from ctms_media.benchmark import run_bench
+
+    return run_bench(quick=args.quick, as_json=args.json, plot=args.plot)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ctms-media", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -50,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rooms", type=int, default=4)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("bench", help="measure the forwarders against the floor and libsrtp")
+    p.add_argument("--quick", action="store_true", help="finish in under 60 s")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--plot", metavar="FILE.png", help="draw cost against fan-out and latency")
+    p.set_defaults(func=_bench)
 
     args = parser.parse_args(argv)
     return int(args.func(args))

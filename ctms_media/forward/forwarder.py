@@ -116,6 +116,10 @@ class Forwarder:
                 raise ConfigError(f"position {r.position} does not fit a byte")
         self.routes[ssrc] = receivers
 
+    def state_snapshot(self) -> dict[int, tuple]:
+        """Every per-stream value a packet may change; twins must agree on it exactly."""
+        return {ssrc: st.snapshot() for ssrc, st in sorted(self.streams.items())}
+
     # -- the packet path -----------------------------------------------------------------
 
     def forward(self, datagram: bytes, rtcp: bool | None = None) -> Verdict:
