@@ -1,0 +1,245 @@
+"""A room's SRTP side as a CTS endpoint would do it, built on libsrtp (pylibsrtp).
+
+libsrtp encrypts and tags; the room then inserts the cleartext tail byte before the tag,
+re-tags over it (wire.md §3) and appends the EKT trailer (§5/§6). Receivers cut the trailer
+and hand the rest to a fresh libsrtp session, which is the oracle every forwarded packet
+must satisfy.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+import pylibsrtp
+
+from ctms_media.errors import CtmsError
+from ctms_media.wire.ekt import (
+    FORMAT_CTMS,
+    CtmsLong,
+    Rfc8870Full,
+    Rfc8870Plaintext,
+    ctms_emk_length,
+    ctms_short,
+    rfc8870_wrap,
+    wrap_ctms,
+)
+from ctms_media.wire.rtp import position_code
+from ctms_media.wire.srtp import Profile, rtp_auth_key, rtp_tag
+
+_LIBSRTP_PROFILE = {
+    "AES_CM_128_HMAC_SHA1_80": pylibsrtp.Policy.SRTP_PROFILE_AES128_CM_SHA1_80,
+    "AES_CM_128_HMAC_SHA1_32": pylibsrtp.Policy.SRTP_PROFILE_AES128_CM_SHA1_32,
+}
+
+
+def libsrtp_session(
+    master_key: bytes, salt: bytes, profile: Profile, outbound: bool, ssrc: int | None = None
+) -> pylibsrtp.Session:
+    """A libsrtp session for one master key (inbound sessions accept any SSRC)."""
+    if ssrc is None:
+        ssrc_type = (
+            pylibsrtp.Policy.SSRC_ANY_OUTBOUND if outbound else pylibsrtp.Policy.SSRC_ANY_INBOUND
+        )
+        policy = pylibsrtp.Policy(
+            key=master_key + salt, ssrc_type=ssrc_type, srtp_profile=_LIBSRTP_PROFILE[profile.name]
+        )
+    else:
+        policy = pylibsrtp.Policy(
+            key=master_key + salt,
+            ssrc_type=pylibsrtp.Policy.SSRC_SPECIFIC,
+            ssrc_value=ssrc,
+            srtp_profile=_LIBSRTP_PROFILE[profile.name],
+        )
+    policy.window_size = 1024
+    return pylibsrtp.Session(policy)
+
+
+def walk_indices(target: int) -> list[int]:
+    """Indices below ``target``, each within 2^15 of the last, that lead libsrtp's index
+    estimate from 0 up to ``target``'s ROC without touching ``target`` itself."""
+    out = []
+    i = 0
+    while i < target and (target >> 16) > 0:
+        out.append(i)
+        i += 0x7000
+    return out
+
+
+def _dummy_rtp(ssrc: int, index: int) -> bytes:
+    return struct.pack("!BBHII", 0x80, 0, index & 0xFFFF, 0, ssrc) + b"x"
+
+
+@dataclass
+class EktGroup:
+    """What a room holds of a group EKT parameter set (from GSP)."""
+
+    spi: int
+    cipher: int
+    kek: bytes
+    salt: bytes
+    profile: Profile
+    ekt_format: str = FORMAT_CTMS
+
+
+@dataclass
+class SenderStream:
+    """One outgoing SSRC of a room: libsrtp protects, the room adds tail byte and EKT."""
+
+    ssrc: int
+    kind: str
+    group: EktGroup
+    master_key: bytes
+    position: int = 2
+    seq: int = 1000
+    timestamp: int = 0
+    payload_type: int = 96
+    roc: int = 0
+    isn: int = field(init=False)
+    key_start: int = field(init=False)
+    epoch: int = 0
+    _session: pylibsrtp.Session = field(init=False, repr=False)
+    _auth: bytes = field(init=False, repr=False)
+    _sent: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self._rekeyed(self.master_key)
+
+    @property
+    def index(self) -> int:
+        return (self.roc << 16) | self.seq
+
+    def _rekeyed(self, key: bytes) -> None:
+        self.master_key = key
+        self._session = libsrtp_session(key, self.group.salt, self.group.profile, True)
+        self._auth = rtp_auth_key(key, self.group.salt)
+        self.isn = self.seq
+        self.key_start = self.index
+        self._announce = True  # a new key goes out in a long trailer first
+        self._walk(self.key_start)
+
+    def _walk(self, index: int) -> None:
+        """Bring a fresh libsrtp session's ROC up to ``index`` (pylibsrtp has no ROC setter)."""
+        for dummy in walk_indices(index):
+            self._session.protect(_dummy_rtp(self.ssrc, dummy))
+
+    def rekey(self, key: bytes, group: EktGroup | None = None) -> None:
+        """Start a new master key at the next packet (its ISN); optionally a new group."""
+        if group is not None:
+            self.group = group
+        self.epoch += 1
+        self._rekeyed(key)
+
+    def trailer(self, long: bool, roc: int | None = None) -> bytes:
+        g = self.group
+        roc = self.roc if roc is None else roc
+        if g.ekt_format == FORMAT_CTMS:
+            if not long:
+                return ctms_short()
+            emk = wrap_ctms(g.cipher, g.kek, self.master_key)
+            assert len(emk) == ctms_emk_length(g.cipher)
+            return CtmsLong(emk, roc, self.isn, g.spi).encode()
+        if not long:
+            return b"\x00"
+        ct = rfc8870_wrap(g.kek, Rfc8870Plaintext(self.master_key, self.ssrc, roc))
+        return Rfc8870Full(ct, g.spi, self.epoch).encode()
+
+    def rtp(
+        self,
+        payload: bytes,
+        tail: int,
+        long: bool = False,
+        marker: bool = False,
+        csrc_source: int | None = None,
+        advance_ts: int = 960,
+    ) -> tuple[bytes, bytes]:
+        """(uplink packet, the plain RTP packet it protects after the relay strips the tail).
+
+        The plain packet has destination position 0; a receiver compares payloads.
+        """
+        src = self.position if csrc_source is None else csrc_source
+        header = struct.pack(
+            "!BBHIII",
+            0x81,
+            (0x80 if marker else 0) | self.payload_type,
+            self.seq,
+            self.timestamp,
+            self.ssrc,
+            position_code(src, 0),
+        )
+        plain = header + payload
+        srtp = self._session.protect(plain)
+        tag_len = self.group.profile.rtp_tag_len
+        body = srtp[:-tag_len] + bytes([tail])
+        packet = body + rtp_tag(self._auth, body, self.roc, tag_len)
+        packet += self.trailer(long or self._announce)
+        self._announce = False
+        self._advance(advance_ts)
+        return packet, plain
+
+    def _advance(self, ts: int) -> None:
+        self._sent += 1
+        self.timestamp = (self.timestamp + ts) & 0xFFFFFFFF
+        nxt = (self.seq + 1) & 0xFFFF
+        if nxt == 0:
+            self.roc += 1
+        self.seq = nxt
+
+    def rtcp(self, plain_rtcp: bytes, long: bool = True) -> bytes:
+        """SRTCP (libsrtp) with the EKT trailer appended; SDES carries the long form."""
+        return self._session.protect_rtcp(plain_rtcp) + self.trailer(long)
+
+
+def sdes_packet(ssrc: int, cname: bytes = b"room") -> bytes:
+    """A minimal RTCP SDES with one CNAME chunk."""
+    item = bytes([1, len(cname)]) + cname + b"\x00"
+    chunk = struct.pack("!I", ssrc) + item
+    chunk += b"\x00" * (-len(chunk) % 4)
+    return struct.pack("!BBH", 0x81, 202, (4 + len(chunk)) // 4 - 1) + chunk
+
+
+def trailer_length(packet: bytes, ekt_format: str, cipher_of_spi: dict[int, int]) -> int:
+    """Octets of the EKT trailer at the end of a downlink packet (for receivers)."""
+    last = packet[-1]
+    if ekt_format == FORMAT_CTMS:
+        if not last & 1:
+            return 1
+        spi = ((packet[-2] << 8) | last) >> 1
+        return ctms_emk_length(cipher_of_spi[spi]) + 8
+    if last == 0:
+        return 1
+    return (packet[-3] << 8) | packet[-2]
+
+
+class ReceiverOracle:
+    """A receiving room: one fresh libsrtp inbound session per sender key."""
+
+    def __init__(self, ekt_format: str, cipher_of_spi: dict[int, int]) -> None:
+        self.ekt_format = ekt_format
+        self.cipher_of_spi = cipher_of_spi
+        self.sessions: dict[tuple[int, bytes], pylibsrtp.Session] = {}
+
+    def unprotect(
+        self,
+        packet: bytes,
+        ssrc: int,
+        master_key: bytes,
+        salt: bytes,
+        profile: Profile,
+        rtcp: bool = False,
+        start_index: int = 0,
+    ) -> bytes:
+        body = packet[: len(packet) - trailer_length(packet, self.ekt_format, self.cipher_of_spi)]
+        s = self.sessions.get((ssrc, master_key))
+        if s is None:
+            s = self.sessions[(ssrc, master_key)] = libsrtp_session(
+                master_key, salt, profile, False
+            )
+            if start_index:  # walk the fresh session up to the key's ROC with dummies
+                tx = libsrtp_session(master_key, salt, profile, True)
+                for dummy in walk_indices(start_index):
+                    s.unprotect(tx.protect(_dummy_rtp(ssrc, dummy)))
+        try:
+            return s.unprotect_rtcp(body) if rtcp else s.unprotect(body)
+        except pylibsrtp.Error as exc:
+            raise CtmsError(f"libsrtp refused a forwarded packet: {exc}") from None
