@@ -21,7 +21,9 @@ from ctms_media.wire.ekt import (
     Rfc8870Plaintext,
     ctms_emk_length,
     ctms_short,
+    rfc8870_unwrap,
     rfc8870_wrap,
+    unwrap_ctms,
     wrap_ctms,
 )
 from ctms_media.wire.rtp import position_code
@@ -243,3 +245,58 @@ class ReceiverOracle:
             return s.unprotect_rtcp(body) if rtcp else s.unprotect(body)
         except pylibsrtp.Error as exc:
             raise CtmsError(f"libsrtp refused a forwarded packet: {exc}") from None
+
+
+class EktReceiver:
+    """A receiving room as it really works: keys come only from EKT trailers it unwraps
+    with the group KEKs it holds; libsrtp then decrypts. A packet whose sender key the room
+    has never been given fails, which is how a missed upgrade would show."""
+
+    def __init__(self, groups: dict[int, EktGroup]) -> None:
+        self.groups = dict(groups)
+        self.sessions: dict[int, tuple[bytes, pylibsrtp.Session]] = {}  # ssrc -> key, session
+        self.ok = 0
+        self.failed = 0
+
+    def _learn(self, packet: bytes, ssrc: int, seq: int) -> int:
+        """Read the trailer, take a key it carries, return the trailer's length."""
+        g0 = next(iter(self.groups.values()))
+        fmt = g0.ekt_format
+        n = trailer_length(packet, fmt, {s: g.cipher for s, g in self.groups.items()})
+        if n == 1:
+            return n
+        raw = packet[-n:]
+        if fmt == FORMAT_CTMS:
+            t = CtmsLong.decode(raw)
+            g = self.groups[t.spi]
+            key, roc = unwrap_ctms(g.cipher, g.kek, t.emk), t.roc
+        else:
+            f = Rfc8870Full.decode(raw)
+            g = self.groups[f.spi]
+            pt = rfc8870_unwrap(g.kek, f.ciphertext)
+            key, roc = pt.key, pt.roc
+        have = self.sessions.get(ssrc)
+        if have is None or have[0] != key:
+            s = libsrtp_session(key, g.salt, g.profile, False)
+            tx = libsrtp_session(key, g.salt, g.profile, True)
+            for dummy in walk_indices((roc << 16) | seq):
+                s.unprotect(tx.protect(_dummy_rtp(ssrc, dummy)))
+            self.sessions[ssrc] = (key, s)
+        return n
+
+    def receive(self, packet: bytes, rtcp: bool = False) -> bytes | None:
+        """Decrypt a downlink packet; None (and a failure counted) if it does not."""
+        try:
+            if rtcp:
+                ssrc = struct.unpack_from("!I", packet, 4)[0]
+                n = self._learn(packet, ssrc, 0)
+                plain = self.sessions[ssrc][1].unprotect_rtcp(packet[:-n])
+            else:
+                ssrc, seq = struct.unpack_from("!I", packet, 8)[0], packet[2] << 8 | packet[3]
+                n = self._learn(packet, ssrc, seq)
+                plain = self.sessions[ssrc][1].unprotect(packet[:-n])
+        except (KeyError, IndexError, CtmsError, pylibsrtp.Error, ValueError):
+            self.failed += 1
+            return None
+        self.ok += 1
+        return plain
