@@ -75,8 +75,7 @@ def _percentile(values: list[int], q: float) -> float:
 async def _meeting(seconds: float, rooms_n: int, implementation: str) -> dict:
     rng = random.Random(7)
     profile = DEFAULT_PROFILE
-    group = EktGroup(spi=0x1234, cipher=2, kek=os.urandom(16), salt=os.urandom(14),
-                     profile=profile)
+    group = EktGroup(spi=0x1234, cipher=2, kek=os.urandom(16), salt=os.urandom(14), profile=profile)
     fwd = implementations()[implementation]("ctms")
     fwd.add_group(group.spi, group.cipher, group.kek, group.salt, profile)
     relay = MediaRelay(fwd)
@@ -87,8 +86,11 @@ async def _meeting(seconds: float, rooms_n: int, implementation: str) -> dict:
         for pos in room.positions:
             for kind in ("audio", "video"):
                 ssrc += 1
-                room.streams.append(SenderStream(ssrc, kind, group, os.urandom(16),
-                                                 position=pos, seq=rng.randrange(65536)))
+                room.streams.append(
+                    SenderStream(
+                        ssrc, kind, group, os.urandom(16), position=pos, seq=rng.randrange(65536)
+                    )
+                )
         room.receiver = EktReceiver({group.spi: group})
         rooms.append(room)
     loop = asyncio.get_running_loop()
@@ -96,15 +98,17 @@ async def _meeting(seconds: float, rooms_n: int, implementation: str) -> dict:
         port = await relay.open_port(room.id)
         room.relay_addr = ("127.0.0.1", port.port)
         room.transport, _ = await loop.create_datagram_endpoint(
-            lambda room=room: RoomProtocol(room), local_addr=("127.0.0.1", 0))
+            lambda room=room: RoomProtocol(room), local_addr=("127.0.0.1", 0)
+        )
         for s in room.streams:
             fwd.add_stream(s.ssrc, s.kind, profile)
     for room in rooms:  # everyone receives everyone else (the engine narrows this later)
         others = [r for r in rooms if r is not room]
         for s in room.streams:
-            relay.set_route(s.ssrc, [
-                Receiver(r.id, s.position if r.segments == 3 else 2, group.spi) for r in others
-            ])
+            relay.set_route(
+                s.ssrc,
+                [Receiver(r.id, s.position if r.segments == 3 else 2, group.spi) for r in others],
+            )
 
     start = time.perf_counter()
     tick = 1.0 / AUDIO_PPS
@@ -126,13 +130,20 @@ async def _meeting(seconds: float, rooms_n: int, implementation: str) -> dict:
                         next_idr[s.ssrc] = now + IDR_EVERY_S
                     for k in range(PACKETS_PER_FRAME):
                         tail = VideoTail(idr and k == 0, k == 0).encode()
-                        pkt, _ = s.rtp(stamp + os.urandom(900), tail, long=k == 0,
-                                       advance_ts=0 if k < PACKETS_PER_FRAME - 1 else 3000)
+                        pkt, _ = s.rtp(
+                            stamp + os.urandom(900),
+                            tail,
+                            long=k == 0,
+                            advance_ts=0 if k < PACKETS_PER_FRAME - 1 else 3000,
+                        )
                         room.transport.sendto(pkt, room.relay_addr)
         n += 1
         if sys.stderr.isatty():
-            print(f"\r  demo: {now:4.1f}/{seconds:.0f} s, forwarded {relay.stats.forwarded}",
-                  end="", file=sys.stderr)
+            print(
+                f"\r  demo: {now:4.1f}/{seconds:.0f} s, forwarded {relay.stats.forwarded}",
+                end="",
+                file=sys.stderr,
+            )
         await asyncio.sleep(max(0.0, start + n * tick - time.perf_counter()))
     await asyncio.sleep(0.2)  # let the last packets land
     if sys.stderr.isatty():
@@ -143,36 +154,50 @@ async def _meeting(seconds: float, rooms_n: int, implementation: str) -> dict:
     lat = [x for r in rooms for x in r.latencies_ns]
     return {
         "implementation": implementation,
-        "rooms": {r.id: {"segments": r.segments, "received": r.received,
-                         "decrypt_ok": r.receiver.ok, "decrypt_failed": r.receiver.failed}
-                  for r in rooms},
+        "rooms": {
+            r.id: {
+                "segments": r.segments,
+                "received": r.received,
+                "decrypt_ok": r.receiver.ok,
+                "decrypt_failed": r.receiver.failed,
+            }
+            for r in rooms
+        },
         "received": relay.stats.received,
         "forwarded": relay.stats.forwarded,
         "drops": dict(relay.stats.dropped),
         "decrypt_ok": sum(r.receiver.ok for r in rooms),
         "decrypt_failed": sum(r.receiver.failed for r in rooms),
-        "latency_us": {"p50": round(_percentile(lat, 0.5) / 1000, 1),
-                       "p99": round(_percentile(lat, 0.99) / 1000, 1),
-                       "mean": round(statistics.fmean(lat) / 1000, 1) if lat else 0.0},
+        "latency_us": {
+            "p50": round(_percentile(lat, 0.5) / 1000, 1),
+            "p99": round(_percentile(lat, 0.99) / 1000, 1),
+            "mean": round(statistics.fmean(lat) / 1000, 1) if lat else 0.0,
+        },
     }
 
 
-def run_demo(seconds: float = 3.0, rooms: int = 4, as_json: bool = False,
-             implementation: str | None = None) -> int:
+def run_demo(
+    seconds: float = 3.0, rooms: int = 4, as_json: bool = False, implementation: str | None = None
+) -> int:
     impls = implementations()
     impl = implementation or ("cython" if "cython" in impls else "python")
     report = asyncio.run(_meeting(seconds, rooms, impl))
     if as_json:
         print(json.dumps(report))
     else:
-        print(f"ctms-media demo: {len(report['rooms'])} rooms, {seconds:g} s, "
-              f"{impl} forwarder")
+        print(f"ctms-media demo: {len(report['rooms'])} rooms, {seconds:g} s, {impl} forwarder")
         for rid, r in report["rooms"].items():
-            print(f"  {rid} ({r['segments']}-screen): received {r['received']}, "
-                  f"decrypted {r['decrypt_ok']}, failed {r['decrypt_failed']}")
-        print(f"  relay: received {report['received']}, forwarded {report['forwarded']}, "
-              f"drops {report['drops'] or 'none'}")
-        print(f"  one-way latency through the relay: p50 {report['latency_us']['p50']} µs, "
-              f"p99 {report['latency_us']['p99']} µs")
+            print(
+                f"  {rid} ({r['segments']}-screen): received {r['received']}, "
+                f"decrypted {r['decrypt_ok']}, failed {r['decrypt_failed']}"
+            )
+        print(
+            f"  relay: received {report['received']}, forwarded {report['forwarded']}, "
+            f"drops {report['drops'] or 'none'}"
+        )
+        print(
+            f"  one-way latency through the relay: p50 {report['latency_us']['p50']} µs, "
+            f"p99 {report['latency_us']['p99']} µs"
+        )
     ok = report["decrypt_failed"] == 0 and report["forwarded"] > 0
     return 0 if ok else 1

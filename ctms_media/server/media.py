@@ -65,8 +65,13 @@ class MediaRelay:
     (non-secure endpoints per wire.md §8, and the demo until the DTLS negotiator latches).
     """
 
-    def __init__(self, forwarder: Any, host: str = "127.0.0.1", latch_on_media: bool = True,
-                 on_tail: Any = None) -> None:
+    def __init__(
+        self,
+        forwarder: Any,
+        host: str = "127.0.0.1",
+        latch_on_media: bool = True,
+        on_tail: Any = None,
+    ) -> None:
         self.forwarder = forwarder
         self.host = host
         self.latch_on_media = latch_on_media
@@ -86,10 +91,14 @@ class MediaRelay:
         self._install(ssrc)
 
     def _install(self, ssrc: int) -> None:
-        self.forwarder.set_route(ssrc, [
-            r for r in self.routes[ssrc]
-            if (p := self.ports.get(r.id)) is not None and p.peer is not None
-        ])
+        self.forwarder.set_route(
+            ssrc,
+            [
+                r
+                for r in self.routes[ssrc]
+                if (p := self.ports.get(r.id)) is not None and p.peer is not None
+            ],
+        )
 
     def latch(self, port: EndpointPort, addr: Address) -> None:
         port.peer = addr
@@ -114,8 +123,13 @@ class MediaRelay:
     def _drop(self, port: EndpointPort, reason: str, addr: Address) -> None:
         self.stats.dropped[reason] += 1
         if self.stats.dropped[reason] == 1 or reason == "address":
-            log.info("endpoint %s: dropped a datagram from %s:%d (%s)", port.endpoint_id,
-                     addr[0], addr[1], reason)
+            log.info(
+                "endpoint %s: dropped a datagram from %s:%d (%s)",
+                port.endpoint_id,
+                addr[0],
+                addr[1],
+                reason,
+            )
 
     def datagram(self, port: EndpointPort, data: bytes, addr: Address) -> None:
         self.stats.received += 1
