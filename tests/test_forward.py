@@ -272,3 +272,26 @@ def test_csrc_source_position_is_kept(make_forwarder):
     m.receiver("r", 2, 1)
     out = m.fwd.forward(s.rtp(m.payload(), 0x80, long=True)[0]).for_receiver("r")
     assert struct.unpack_from("!I", out, 12)[0] == 0x0302
+
+
+def test_idr_gated_switch_opens_at_the_idr_and_closes_the_old_source(make_forwarder):
+    from ctms_media.forward.verdict import Receiver
+
+    m = Meeting(make_forwarder)
+    m.group(1)
+    old = m.sender(0xA, "video", seq=100)
+    new = m.sender(0xB, "video", seq=500)
+    m.fwd.set_route(0xA, [Receiver("r", 2, 1), Receiver("other", 2, 1)])
+    m.fwd.set_route(0xB, [Receiver("r", 2, 1, gated=True)])
+    v = m.fwd.forward(new.rtp(m.payload(), 0x40, long=True)[0])  # frame start, no IDR
+    assert v.drop is None and v.outputs == [] and v.switched == ()
+    assert set(m.fwd.forward(old.rtp(m.payload(), 0xC0, long=True)[0]).by_receiver()) == {
+        "r",
+        "other",
+    }  # the old source flows until the switch
+    v = m.fwd.forward(new.rtp(m.payload(), 0xC0)[0])  # IDR start
+    assert v.switched == ("r",)
+    out = v.for_receiver("r")
+    assert out is not None and len(out) > 40  # upgraded: the first packet carries the key
+    assert set(m.fwd.forward(old.rtp(m.payload(), 0x40)[0]).by_receiver()) == {"other"}
+    assert set(m.fwd.forward(new.rtp(m.payload(), 0x00)[0]).by_receiver()) == {"r"}

@@ -49,6 +49,7 @@ from ctms_media.wire.srtp import (
 )
 
 SRTCP_INDEX_LEN = 4
+IDR_BIT = 0x80  # video tail byte: this packet starts an IDR frame
 
 
 class _Drop(Exception):
@@ -118,7 +119,10 @@ class Forwarder:
 
     def state_snapshot(self) -> dict[int, tuple]:
         """Every per-stream value a packet may change; twins must agree on it exactly."""
-        return {ssrc: st.snapshot() for ssrc, st in sorted(self.streams.items())}
+        return {
+            ssrc: (*st.snapshot(), self.routes.get(ssrc, ()))
+            for ssrc, st in sorted(self.streams.items())
+        }
 
     # -- the packet path -----------------------------------------------------------------
 
@@ -250,6 +254,27 @@ class Forwarder:
             outputs=self._fan_out(stream, key, data, hlen, auth_end, tag_len, roc, trailer),
         )
 
+    def _open_gates(self, stream: StreamState, tail: int) -> tuple[str, ...]:
+        """At a video IDR start, open gated subscriptions and close the displays' others."""
+        if stream.kind != "video" or not tail & IDR_BIT:
+            return ()
+        route = self.routes.get(stream.ssrc, ())
+        opening = [r for r in route if r.gated]
+        if not opening:
+            return ()
+        slots = {(r.id, r.position) for r in opening}
+        self.routes[stream.ssrc] = tuple(
+            Receiver(r.id, r.position, r.spi) if r.gated else r for r in route
+        )
+        for ssrc, receivers in self.routes.items():
+            other = self.streams.get(ssrc)
+            if ssrc == stream.ssrc or other is None or other.kind != "video":
+                continue
+            kept = tuple(r for r in receivers if (r.id, r.position) not in slots)
+            if len(kept) != len(receivers):
+                self.routes[ssrc] = kept
+        return tuple(r.id for r in opening)
+
     def _fan_out(
         self,
         stream: StreamState,
@@ -273,6 +298,8 @@ class Forwarder:
         upgrade = key is stream.current
         variants: dict[tuple[int, bytes], list[str]] = {}
         for r in receivers:
+            if r.gated:
+                continue
             if trailer.long or (upgrade and r.id not in key.sent_to):
                 t = long_for.get(r.spi)
                 if t is None:
@@ -351,6 +378,6 @@ class Forwarder:
         elif trailer.long and self.ekt_format == FORMAT_RFC8870:
             key.epoch = trailer.epoch
         key.rtcp_replay.accept(index)
-        receivers = self.routes.get(hdr.ssrc, ())
-        outputs = [(data, tuple(r.id for r in receivers))] if receivers else []
+        ids = tuple(r.id for r in self.routes.get(hdr.ssrc, ()) if not r.gated)
+        outputs = [(data, ids)] if ids else []
         return Verdict(ssrc=hdr.ssrc, rtcp=True, outputs=outputs)

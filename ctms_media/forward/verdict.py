@@ -17,11 +17,18 @@ DROP_REASONS = (MALFORMED, UNKNOWN_SSRC, UNKNOWN_SPI, UNWRAP, NO_KEY, REPLAY, AU
 
 @dataclass(frozen=True, slots=True)
 class Receiver:
-    """A subscription: who gets a sender's packets, at which position, on which SPI."""
+    """A subscription: who gets a sender's packets, at which position, on which SPI.
+
+    ``gated`` (video only): the receiver's display at ``position`` is switching to this
+    sender and gets nothing from it until a packet whose tail byte marks an IDR start; at
+    that packet the subscription opens and the same display's subscriptions to every other
+    video sender close, so the display never shows a frame it cannot decode (wire.md §10).
+    """
 
     id: str
     position: int
     spi: int
+    gated: bool = False
 
 
 @dataclass(slots=True)
@@ -37,6 +44,7 @@ class Verdict:
     ssrc: int | None = None
     rtcp: bool = False
     outputs: list[tuple[bytes, tuple[str, ...]]] = field(default_factory=list)
+    switched: tuple[str, ...] = ()  # receivers whose display opened to this sender now
 
     def for_receiver(self, receiver_id: str) -> bytes | None:
         for data, receivers in self.outputs:
