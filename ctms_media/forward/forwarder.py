@@ -248,9 +248,11 @@ class Forwarder:
             key.epoch = trailer.epoch
         stream.rtp_replay.accept(index)
         tail = data[auth_end - 1]
+        switched = self._open_gates(stream, tail)
         return Verdict(
             tail=tail,
             ssrc=ssrc,
+            switched=switched,
             outputs=self._fan_out(stream, key, data, hlen, auth_end, tag_len, roc, trailer),
         )
 
