@@ -295,3 +295,44 @@ def test_idr_gated_switch_opens_at_the_idr_and_closes_the_old_source(make_forwar
     assert out is not None and len(out) > 40  # upgraded: the first packet carries the key
     assert set(m.fwd.forward(old.rtp(m.payload(), 0x40)[0]).by_receiver()) == {"other"}
     assert set(m.fwd.forward(new.rtp(m.payload(), 0x00)[0]).by_receiver()) == {"r"}
+
+
+def _plain_rtp(ssrc: int, seq: int, payload: bytes, tail: int, source: int = 2) -> bytes:
+    return struct.pack("!BBHIII", 0x81, 96, seq, 0, ssrc, source << 8) + payload + bytes([tail])
+
+
+def test_non_secure_forwards_plain_rtp(make_forwarder):
+    from ctms_media.forward.verdict import Receiver
+
+    fwd = make_forwarder("ctms")
+    fwd.set_modes(srtp=False, plain=True)
+    fwd.add_stream(9, "audio", AES_CM_128_HMAC_SHA1_80)
+    fwd.set_route(9, [Receiver("a", 1, 0), Receiver("b", 3, 0)])
+    v = fwd.forward(_plain_rtp(9, 1, b"hello", 0x85))
+    assert v.drop is None and v.tail == 0x85
+    got = v.by_receiver()
+    assert got["a"] == _plain_rtp(9, 1, b"hello", 0)[:-1][:15] + b"\x01" + b"hello"
+    assert got["b"][15] == 3 and got["b"].endswith(b"hello")
+    assert fwd.forward(_plain_rtp(10, 1, b"x", 0)).drop == "unknown_ssrc"
+    assert fwd.forward(b"\x81\x60").drop == "malformed"
+    rr = struct.pack("!BBHI", 0x80, 201, 1, 9)
+    assert fwd.forward(rr).by_receiver() == {"a": rr, "b": rr}
+
+
+def test_downgrade_window_takes_both_and_keeps_srtp_from_plain_rooms(make_forwarder):
+    from ctms_media.forward.verdict import Receiver
+
+    m = Meeting(make_forwarder)
+    m.group(1)
+    s = m.sender(0x55)
+    m.fwd.set_route(0x55, [Receiver("secure", 2, 1), Receiver("plain", 2, 0)])
+    v = m.fwd.forward(s.rtp(m.payload(), 0x80, long=True)[0])
+    assert set(v.by_receiver()) == {"secure"}  # SRTP never goes to a plain-only room
+    assert m.fwd.forward(_plain_rtp(0x55, 7, b"p", 0x80)).drop is not None
+    m.fwd.set_modes(srtp=True, plain=True)
+    assert m.fwd.forward(s.rtp(m.payload(), 0x80)[0]).drop is None  # in-flight SRTP
+    v = m.fwd.forward(_plain_rtp(0x55, 7, b"p", 0x80))
+    assert v.drop is None and set(v.by_receiver()) == {"secure", "plain"}
+    m.fwd.set_modes(srtp=False, plain=True)
+    v = m.fwd.forward(s.rtp(m.payload(), 0x80)[0])  # late SRTP now looks like plain RTP
+    assert v.drop is None and v.tail != 0x80

@@ -49,6 +49,7 @@ from ctms_media.wire.srtp import (
 )
 
 SRTCP_INDEX_LEN = 4
+PLAIN_SPI = 0  # a receiver that takes plain RTP only (a non-secure room)
 IDR_BIT = 0x80  # video tail byte: this packet starts an IDR frame
 
 
@@ -84,6 +85,17 @@ class Forwarder:
         self.groups: dict[int, GroupParams] = {}
         self.streams: dict[int, StreamState] = {}
         self.routes: dict[int, tuple[Receiver, ...]] = {}
+        # What the conference accepts: SRTP (secure), plain RTP (non-secure), or both for
+        # the second after a DOWNGRADE (wire.md §8). Receivers with SPI 0 take plain only.
+        self.srtp = True
+        self.plain = False
+
+    def set_modes(self, srtp: bool, plain: bool) -> None:
+        """Secure: (True, False); downgrading: (True, True); non-secure: (False, True)."""
+        if not (srtp or plain):
+            raise ConfigError("a conference must accept SRTP or plain RTP")
+        self.srtp = srtp
+        self.plain = plain
 
     # -- configuration -------------------------------------------------------------------
 
@@ -111,7 +123,7 @@ class Forwarder:
     def set_route(self, ssrc: int, receivers: Iterable[Receiver]) -> None:
         receivers = tuple(receivers)
         for r in receivers:
-            if r.spi not in self.groups:
+            if r.spi != PLAIN_SPI and r.spi not in self.groups:
                 raise ConfigError(f"receiver {r.id} holds unknown SPI {r.spi}")
             if not 0 <= r.position <= 0xFF:
                 raise ConfigError(f"position {r.position} does not fit a byte")
@@ -133,7 +145,14 @@ class Forwarder:
         if rtcp is None:
             rtcp = len(data) >= 2 and 192 <= data[1] <= 223
         try:
-            return self._rtcp(data) if rtcp else self._rtp(data)
+            if not self.srtp:
+                return self._plain(data, rtcp)
+            try:
+                return self._rtcp(data) if rtcp else self._rtp(data)
+            except _Drop as d:
+                if not self.plain or d.reason in (MALFORMED, UNKNOWN_SSRC):
+                    raise
+                return self._plain(data, rtcp)  # a downgraded room's first plain packets
         except _Drop as d:
             ssrc = (
                 int.from_bytes(data[8:12] if not rtcp else data[4:8], "big")
@@ -300,7 +319,7 @@ class Forwarder:
         upgrade = key is stream.current
         variants: dict[tuple[int, bytes], list[str]] = {}
         for r in receivers:
-            if r.gated:
+            if r.gated or r.spi == PLAIN_SPI:
                 continue
             if trailer.long or (upgrade and r.id not in key.sent_to):
                 t = long_for.get(r.spi)
@@ -380,6 +399,43 @@ class Forwarder:
         elif trailer.long and self.ekt_format == FORMAT_RFC8870:
             key.epoch = trailer.epoch
         key.rtcp_replay.accept(index)
-        ids = tuple(r.id for r in self.routes.get(hdr.ssrc, ()) if not r.gated)
+        ids = tuple(
+            r.id for r in self.routes.get(hdr.ssrc, ()) if not r.gated and r.spi != PLAIN_SPI
+        )
         outputs = [(data, ids)] if ids else []
         return Verdict(ssrc=hdr.ssrc, rtcp=True, outputs=outputs)
+
+    def _plain(self, data: bytes, rtcp: bool) -> Verdict:
+        """Non-secure media (wire.md §7, last paragraph): the tail byte and CSRC rules, no
+        tag, no trailer. Nothing authenticates it, so there is no key or replay state."""
+        if rtcp:
+            try:
+                hdr = RtcpHeader.parse(data)
+            except MalformedError:
+                raise _Drop(MALFORMED) from None
+            if hdr.ssrc not in self.streams:
+                raise _Drop(UNKNOWN_SSRC)
+            ids = tuple(r.id for r in self.routes.get(hdr.ssrc, ()) if not r.gated)
+            return Verdict(ssrc=hdr.ssrc, rtcp=True, outputs=[(data, ids)] if ids else [])
+        try:
+            hlen = rtp_header_length(data)
+        except MalformedError:
+            raise _Drop(MALFORMED) from None
+        ssrc = int.from_bytes(data[8:12], "big")
+        stream = self.streams.get(ssrc)
+        if stream is None:
+            raise _Drop(UNKNOWN_SSRC)
+        if len(data) < hlen + 1:
+            raise _Drop(MALFORMED)
+        tail = data[-1]
+        switched = self._open_gates(stream, tail)
+        body = bytearray(data[:-1])
+        by_position: dict[int, list[str]] = {}
+        for r in self.routes.get(ssrc, ()):
+            if not r.gated:
+                by_position.setdefault(r.position, []).append(r.id)
+        out = []
+        for position, ids in by_position.items():
+            body[DESTINATION_BYTE_OFFSET] = position
+            out.append((bytes(body), tuple(ids)))
+        return Verdict(tail=tail, ssrc=ssrc, switched=switched, outputs=out)
