@@ -150,7 +150,7 @@ class Forwarder:
             try:
                 return self._rtcp(data) if rtcp else self._rtp(data)
             except _Drop as d:
-                if not self.plain or d.reason in (MALFORMED, UNKNOWN_SSRC):
+                if not self.plain or d.reason == UNKNOWN_SSRC:
                     raise
                 return self._plain(data, rtcp)  # a downgraded room's first plain packets
         except _Drop as d:
