@@ -127,7 +127,7 @@ class RelayCertificate:
         name = x509.Name(
             [x509.NameAttribute(x509.NameOID.COMMON_NAME, f"ctms-media {secrets.token_hex(8)}")]
         )
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         certificate = (
             x509.CertificateBuilder()
             .subject_name(name)

@@ -18,6 +18,7 @@ from enum import IntEnum
 from typing import Final
 
 from ctms_media.errors import ConfigError, MalformedError
+from ctms_media.wire.ekt import EktCipher, check_group
 
 __all__ = [
     "APP_NAME",
@@ -63,18 +64,6 @@ class Subtype(IntEnum):
     DOWNGRADE = 4
 
 
-class EktCipher(IntEnum):
-    """EKT cipher ids of wire.md §5/§6, with the KEK length each one needs."""
-
-    AES_128_ECB = 1
-    AESKW_128 = 2
-    AESKW_256 = 3
-
-    @property
-    def kek_length(self) -> int:
-        return 32 if self is EktCipher.AESKW_256 else 16
-
-
 class EktFormat(IntEnum):
     """Which trailer layout the group uses (wire.md §5 vs §6)."""
 
@@ -107,18 +96,15 @@ class Gsp:
         if not 0 <= self.spi <= 0xFFFF:
             raise ConfigError(f"SPI {self.spi} out of range")
         try:
-            cipher = EktCipher(self.ekt_cipher)
             fmt = EktFormat(self.ekt_format)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         if fmt is EktFormat.CTMS and self.spi > 0x7FFF:
             raise ConfigError("CTMS trailers carry a 15-bit SPI")
-        if fmt is EktFormat.RFC8870 and cipher is EktCipher.AES_128_ECB:
-            raise ConfigError("EKT cipher AES_128_ECB is invalid in the RFC 8870 format")
+        # one place for the cipher/KEK/format rules: the EKT codec's
+        check_group(self.ekt_cipher, self.kek, fmt.name.lower())
         if self.profile_id not in _PROFILE_SALT_LENGTH:
             raise ConfigError(f"unknown SRTP profile id {self.profile_id:#06x}")
-        if len(self.kek) != cipher.kek_length:
-            raise ConfigError(f"{cipher.name} needs a {cipher.kek_length}-byte KEK")
         if len(self.salt) != _PROFILE_SALT_LENGTH[self.profile_id]:
             raise ConfigError("master salt length does not match the SRTP profile")
 
