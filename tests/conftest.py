@@ -25,7 +25,11 @@ def vector_dirs() -> list[Path]:
     return dirs
 
 
-IMPLEMENTATIONS = implementations()
+IMPLEMENTATIONS = {
+    name: impl
+    for name, impl in implementations().items()
+    if name in os.environ.get("CTMS_IMPLEMENTATIONS", name).split(",")
+}
 
 
 @pytest.fixture(params=sorted(IMPLEMENTATIONS), ids=lambda n: n)

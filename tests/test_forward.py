@@ -330,7 +330,9 @@ def test_downgrade_window_takes_both_and_keeps_srtp_from_plain_rooms(make_forwar
     assert set(v.by_receiver()) == {"secure"}  # SRTP never goes to a plain-only room
     assert m.fwd.forward(_plain_rtp(0x55, 7, b"p", 0x80)).drop is not None
     m.fwd.set_modes(srtp=True, plain=True)
-    assert m.fwd.forward(s.rtp(m.payload(), 0x80)[0]).drop is None  # in-flight SRTP
+    in_flight = s.rtp(m.payload(), 0x80)[0]
+    assert m.fwd.forward(in_flight).drop is None  # in-flight SRTP
+    assert m.fwd.forward(in_flight).drop == "replay"  # certainly SRTP: never taken as plain
     v = m.fwd.forward(_plain_rtp(0x55, 7, b"p", 0x80))
     assert v.drop is None and set(v.by_receiver()) == {"secure", "plain"}
     m.fwd.set_modes(srtp=False, plain=True)

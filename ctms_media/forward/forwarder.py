@@ -122,6 +122,8 @@ class Forwarder:
 
     def set_route(self, ssrc: int, receivers: Iterable[Receiver]) -> None:
         receivers = tuple(receivers)
+        if len({r.id for r in receivers}) != len(receivers):
+            raise ConfigError(f"SSRC {ssrc}: a receiver appears twice in its route")
         for r in receivers:
             if r.spi != PLAIN_SPI and r.spi not in self.groups:
                 raise ConfigError(f"receiver {r.id} holds unknown SPI {r.spi}")
@@ -150,15 +152,13 @@ class Forwarder:
             try:
                 return self._rtcp(data) if rtcp else self._rtp(data)
             except _Drop as d:
-                if not self.plain or d.reason == UNKNOWN_SSRC:
+                # A replay is SRTP for certain (its index was accepted before): never plain.
+                if not self.plain or d.reason in (UNKNOWN_SSRC, REPLAY):
                     raise
                 return self._plain(data, rtcp)  # a downgraded room's first plain packets
         except _Drop as d:
-            ssrc = (
-                int.from_bytes(data[8:12] if not rtcp else data[4:8], "big")
-                if len(data) >= 12
-                else None
-            )
+            ssrc_at, need = (4, 8) if rtcp else (8, 12)
+            ssrc = int.from_bytes(data[ssrc_at : ssrc_at + 4], "big") if len(data) >= need else None
             return dropped(d.reason, ssrc, rtcp)
 
     def _read_trailer(self, region: bytes, key_len: int) -> _Trailer:
