@@ -36,6 +36,19 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(seconds=args.seconds, rooms=args.rooms, as_json=args.json)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from ctms_media.errors import ConfigError
+    from ctms_media.server.app import run
+    from ctms_media.server.config import RelayConfig
+
+    try:
+        config = RelayConfig.from_toml(args.config) if args.config else RelayConfig()
+    except ConfigError as exc:
+        print(f"ctms-media serve: {exc}", file=sys.stderr)
+        return 2
+    return run(config)
+
+
 def _bench(args: argparse.Namespace) -> int:
     from ctms_media.benchmark import run_bench
 
@@ -56,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rooms", type=int, default=4)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("serve", help="run the relay and its admin API")
+    p.add_argument("--config", metavar="FILE", help="TOML configuration (see docs)")
+    p.set_defaults(func=_serve)
 
     p = sub.add_parser("bench", help="measure the forwarders against the floor and libsrtp")
     p.add_argument("--quick", action="store_true", help="finish in under 60 s")

@@ -316,9 +316,16 @@ class DtlsServer:
             return []
         if self.state is DtlsState.HANDSHAKING:
             self._advance()
-        else:
-            self._read_after_handshake()
-        return self._flush(now)
+            return self._flush(now)
+        ignored, events = self.datagrams_ignored, len(self._events)
+        self._read_after_handshake()
+        out = self._flush(now)
+        if not out and ignored == self.datagrams_ignored and events == len(self._events):
+            # OpenSSL drops a record it cannot authenticate without a word; after the
+            # handshake, a datagram that neither made us resend our last flight nor closed
+            # the session was of no use, and is counted as such.
+            self.datagrams_ignored += 1
+        return out
 
     def handle_timeout(self, now: float) -> list[bytes]:
         """Act on :meth:`next_timeout`: retransmit a flight, or abandon a stale handshake.

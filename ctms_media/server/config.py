@@ -1,0 +1,85 @@
+"""Relay configuration: a TOML file, every key optional, defaults that run on loopback.
+
+```toml
+[media]
+host = "127.0.0.1"        # address the endpoints' UDP ports bind to and are announced at
+port_min = 16384          # the RTP range of the source's Table A-6
+port_max = 32768
+
+[api]
+host = "127.0.0.1"
+port = 8080
+
+[dtls]
+certificate = "ctms-relay.pem"   # created on first start; its fingerprint survives restarts
+
+[log]
+level = "INFO"
+```
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from ctms_media.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    media_host: str = "127.0.0.1"
+    port_min: int = 16384
+    port_max: int = 32768
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+    certificate: str = "ctms-relay.pem"
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.port_min <= self.port_max <= 65535:
+            raise ConfigError(f"media port range {self.port_min}-{self.port_max} is not valid")
+        if not 0 <= self.api_port <= 65535:
+            raise ConfigError(f"api port {self.api_port} is not valid")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(
+                f"log level {self.log_level!r} is not one of DEBUG INFO WARNING ERROR"
+            )
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> RelayConfig:
+        try:
+            with open(path, "rb") as f:
+                doc = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config {path} is not TOML: {exc}") from None
+        return cls.from_mapping(doc)
+
+    @classmethod
+    def from_mapping(cls, doc: dict[str, Any]) -> RelayConfig:
+        known = {
+            ("media", "host"): "media_host",
+            ("media", "port_min"): "port_min",
+            ("media", "port_max"): "port_max",
+            ("api", "host"): "api_host",
+            ("api", "port"): "api_port",
+            ("dtls", "certificate"): "certificate",
+            ("log", "level"): "log_level",
+        }
+        values: dict[str, Any] = {}
+        for section, table in doc.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"config: [{section}] must be a table")
+            for key, value in table.items():
+                name = known.get((section, key))
+                if name is None:
+                    raise ConfigError(f"config: unknown key {section}.{key}")
+                want = {f.name: f.type for f in fields(cls)}[name]
+                if (want == "int") != isinstance(value, int) or isinstance(value, bool):
+                    raise ConfigError(f"config: {section}.{key} must be {want}")
+                values[name] = value
+        return cls(**values)

@@ -1,0 +1,551 @@
+"""The relay process: conferences, their endpoints' UDP ports, DTLS, control and media.
+
+Everything that touches a socket or a timer is here; the decisions are made by sans-IO
+parts: :class:`~ctms_media.dtls.negotiator.DtlsServer` (handshakes), the conference policy
+(who is heard and seen, who holds which group key) and the forwarder (every media packet).
+The packet path calls the policy never: it queues tail bytes, and a 20 ms tick hands them
+over in a batch and installs whatever routes the policy answers with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from ctms_media.conference.actions import (
+    GroupsChanged,
+    RemoveEndpoint,
+    SendDowngrade,
+    SendFir,
+    SendGsp,
+    SendPli,
+)
+from ctms_media.conference.model import ConferenceConfig, EndpointConfig
+from ctms_media.conference.policy import Conference
+from ctms_media.conformance import implementations
+from ctms_media.dtls import (
+    DtlsDriver,
+    DtlsServer,
+    HandshakeComplete,
+    HandshakeFailed,
+    HopSrtcp,
+    PeerClosed,
+    RelayCertificate,
+)
+from ctms_media.errors import ConfigError, CtmsError
+from ctms_media.forward.verdict import Receiver
+from ctms_media.server.config import RelayConfig
+from ctms_media.server.ports import PortAllocator
+from ctms_media.server.stats import RelayStats
+from ctms_media.wire.control import (
+    Downgrade,
+    GspAck,
+    RekeyDone,
+    decode_control,
+    encode_control,
+    encode_fir,
+    encode_pli,
+    is_control_packet,
+)
+from ctms_media.wire.control import Gsp as GspMessage
+from ctms_media.wire.ekt import EKT_FORMAT_IDS
+from ctms_media.wire.rtp import classify
+from ctms_media.wire.srtp import profile_named
+
+log = logging.getLogger("ctms_media.relay")
+
+TICK = 0.02  # how often tail bytes reach the policy and routes are re-installed
+DOWNGRADE_REPEATS = 3
+DOWNGRADE_SPACING = 0.1
+DOWNGRADE_GRACE = 1.0  # SRTP still accepted this long after a DOWNGRADE (wire.md §8)
+
+Address = tuple[str, int]
+
+
+class EndpointPort(asyncio.DatagramProtocol):
+    """The relay's UDP port of one endpoint: hands every datagram to the relay."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.endpoint: EndpointSession | None = None
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        ep = self.endpoint
+        if ep is None or ep.closed:
+            self.relay.stats.received += 1
+            self.relay.stats.dropped["unknown_port"] += 1
+            return
+        self.relay.datagram(ep, data, addr)
+
+    def error_received(self, exc: Exception) -> None:  # ICMP from a room that went away
+        if self.endpoint is not None:
+            log.debug("endpoint %s: socket error %s", self.endpoint.id, exc)
+
+
+@dataclass(eq=False)
+class EndpointSession:
+    """One endpoint's runtime: port, latched address, DTLS and hop keys."""
+
+    id: str
+    conference: ConferenceSession
+    config: EndpointConfig
+    port: int
+    transport: asyncio.DatagramTransport
+    ssrcs: frozenset[int]
+    peer: Address | None = None
+    dtls: DtlsServer | None = None
+    driver: DtlsDriver | None = None
+    hop: HopSrtcp | None = None
+    control_ssrc: int | None = None
+    last_activity: float = 0.0
+    closed: bool = False
+
+    def send(self, data: bytes) -> None:
+        if self.peer is not None and not self.closed:
+            self.transport.sendto(data, self.peer)
+
+    def send_control(self, plain_rtcp: bytes) -> None:
+        """Relay-originated RTCP: under hop keys when the endpoint has them, else plain."""
+        if self.hop is not None:
+            try:
+                plain_rtcp = self.hop.protect(plain_rtcp)
+            except CtmsError as exc:
+                log.warning("endpoint %s: cannot protect control packet: %s", self.id, exc)
+                return
+        self.send(plain_rtcp)
+
+
+@dataclass(eq=False)
+class ConferenceSession:
+    id: str
+    config: ConferenceConfig
+    policy: Conference
+    forwarder: Any
+    control_ssrc: int
+    endpoints: dict[str, EndpointSession] = field(default_factory=dict)
+    tails: list[tuple[int, int]] = field(default_factory=list)
+    switched: list[tuple[int, tuple[str, ...]]] = field(default_factory=list)
+    installed_version: int = -1
+    installed_latched: frozenset[str] = frozenset()
+    counters: dict[str, int] = field(default_factory=dict)
+    declared: set[int] = field(default_factory=set)  # SSRCs the forwarder knows
+    groups: set[int] = field(default_factory=set)  # SPIs the forwarder knows
+    modes: tuple[bool, bool] = (True, False)  # forwarder (srtp, plain)
+    installed_spi: dict[str, int] = field(default_factory=dict)  # receiver -> SPI it gets
+    grace_spi: dict[str, int] | None = None  # during the downgrade second: SPIs held before
+
+
+class Relay:
+    """Owns every conference of this process and the shared resources (ports, certificate)."""
+
+    def __init__(
+        self,
+        config: RelayConfig | None = None,
+        *,
+        implementation: str | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config or RelayConfig()
+        self.certificate = RelayCertificate.load_or_create(self.config.certificate)
+        self.fingerprint = str(self.certificate.fingerprint("sha-256"))
+        impls = implementations()
+        self.implementation = implementation or ("cython" if "cython" in impls else "python")
+        self._forwarder_factory = impls[self.implementation]
+        self.ports = PortAllocator(
+            self.config.media_host, self.config.port_min, self.config.port_max
+        )
+        self.conferences: dict[str, ConferenceSession] = {}
+        self.stats = RelayStats()
+        self.rng = rng or random.SystemRandom()
+        self._tick_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._tick_task = asyncio.create_task(self._ticker(), name="ctms-relay-tick")
+
+    async def stop(self) -> None:
+        if self._tick_task is not None:
+            self._tick_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._tick_task
+            self._tick_task = None
+        for conf_id in list(self.conferences):
+            self.delete_conference(conf_id)
+
+    @property
+    def now(self) -> float:
+        return (self._loop or asyncio.get_running_loop()).time()
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(TICK)
+            for conf in list(self.conferences.values()):
+                try:
+                    self._tick(conf)
+                except Exception:  # a policy bug must not stop the other conferences
+                    log.exception("conference %s: tick failed", conf.id)
+
+    # -- admin operations (the API calls these) --------------------------------------------
+
+    def create_conference(self, config: ConferenceConfig) -> ConferenceSession:
+        if config.id in self.conferences:
+            raise ConfigError(f"conference {config.id} exists")
+        fwd = self._forwarder_factory(config.ekt_format)
+        policy = Conference(config, self.now, rng=random.Random(self.rng.getrandbits(64)))
+        conf = ConferenceSession(config.id, config, policy, fwd, self.rng.getrandbits(32) or 1)
+        self._apply_security(conf)
+        self.conferences[config.id] = conf
+        log.info(
+            "conference %s: created (%s, %s switching, %s EKT)",
+            config.id,
+            config.security,
+            config.switching,
+            config.ekt_format,
+        )
+        return conf
+
+    def delete_conference(self, conf_id: str) -> None:
+        conf = self.conferences.pop(conf_id)
+        for eid in list(conf.endpoints):
+            self._close_endpoint(conf, eid)
+        log.info("conference %s: deleted", conf_id)
+
+    async def add_endpoint(self, conf_id: str, config: EndpointConfig) -> EndpointSession:
+        conf = self.conferences[conf_id]
+        if config.id in conf.endpoints:
+            raise ConfigError(f"endpoint {config.id} is already in conference {conf_id}")
+        for s in config.streams:
+            if s.ssrc in conf.declared:
+                raise ConfigError(f"SSRC {s.ssrc} is already declared in conference {conf_id}")
+        now = self.now
+        conf.policy.add_endpoint(config, now)  # may raise SecurityMismatch
+        try:
+            transport, proto, port = await self.ports.bind(lambda: EndpointPort(self))
+        except CtmsError:
+            conf.policy.remove_endpoint(config.id, now, "no port")
+            raise
+        ep = EndpointSession(
+            config.id,
+            conf,
+            config,
+            port,
+            transport,
+            frozenset(s.ssrc for s in config.streams),
+            last_activity=now,
+        )
+        assert isinstance(proto, EndpointPort)
+        proto.endpoint = ep
+        conf.endpoints[config.id] = ep
+        for s in config.streams:
+            conf.forwarder.add_stream(s.ssrc, s.kind, profile_named(config.profile))
+            conf.declared.add(s.ssrc)
+        if config.secure:
+            self._new_dtls(ep)
+        log.info(
+            "conference %s: endpoint %s joined on port %d (%d segment(s), %s)",
+            conf_id,
+            config.id,
+            port,
+            config.segments,
+            "secure" if config.secure else "non-secure",
+        )
+        self._tick(conf)
+        return ep
+
+    def remove_endpoint(self, conf_id: str, endpoint_id: str, reason: str = "removed") -> None:
+        conf = self.conferences[conf_id]
+        if endpoint_id not in conf.endpoints:
+            raise KeyError(endpoint_id)
+        conf.policy.remove_endpoint(endpoint_id, self.now, reason)
+        self._close_endpoint(conf, endpoint_id)
+        self._tick(conf)
+
+    def _close_endpoint(self, conf: ConferenceSession, endpoint_id: str) -> None:
+        ep = conf.endpoints.pop(endpoint_id, None)
+        if ep is None:
+            return
+        ep.closed = True
+        if ep.driver is not None:
+            ep.driver.close()
+        for ssrc in ep.ssrcs:
+            conf.forwarder.remove_stream(ssrc)
+            conf.declared.discard(ssrc)
+        ep.transport.close()
+        self.ports.release(ep.port)
+        self._install_routes(conf, force=True)
+        log.info("conference %s: endpoint %s left, port %d released", conf.id, endpoint_id, ep.port)
+
+    # -- DTLS --------------------------------------------------------------------------------
+
+    def _new_dtls(self, ep: EndpointSession) -> None:
+        fingerprint = ep.config.fingerprint
+        if not fingerprint:
+            raise ConfigError(f"secure endpoint {ep.id} declared no fingerprint")
+        ep.dtls = DtlsServer(self.certificate, fingerprint, ep.id, self.now)
+        ep.driver = DtlsDriver(
+            ep.dtls,
+            lambda data, addr: ep.transport.sendto(data, addr),
+            lambda event: self._dtls_event(ep, event),
+            loop=self._loop,
+        )
+
+    def _dtls_event(self, ep: EndpointSession, event: object) -> None:
+        conf = ep.conference
+        if ep.closed:
+            return
+        if isinstance(event, HandshakeComplete):
+            self.stats.handshakes["ok"] += 1
+            ep.peer = event.peer_address  # type: ignore[assignment]
+            ep.hop = HopSrtcp(event.keys)
+            log.info(
+                "conference %s: endpoint %s: DTLS-SRTP done (%s), address latched at %s",
+                conf.id,
+                ep.id,
+                event.keys.profile,
+                ep.peer,
+            )
+            conf.policy.endpoint_handshake_done(ep.id, self.now)
+            self._tick(conf)
+        elif isinstance(event, HandshakeFailed):
+            self.stats.handshakes["failed"] += 1
+            log.warning(
+                "conference %s: endpoint %s: DTLS handshake failed: %s; waiting for a "
+                "new ClientHello",
+                conf.id,
+                ep.id,
+                event.reason,
+            )
+            if ep.driver is not None:
+                ep.driver.close()
+            self._new_dtls(ep)  # failure is final for a DtlsServer; a retry gets a fresh one
+        elif isinstance(event, PeerClosed):
+            log.info("conference %s: endpoint %s closed its DTLS association", conf.id, ep.id)
+
+    # -- the packet path ---------------------------------------------------------------------
+
+    def _drop(self, ep: EndpointSession, reason: str, addr: Address) -> None:
+        n = self.stats.dropped[reason] = self.stats.dropped[reason] + 1
+        if n & (n - 1) == 0:  # 1st, 2nd, 4th, 8th ...: visible without flooding the log
+            log.info(
+                "conference %s: endpoint %s: dropped a datagram from %s:%d (%s; %d so far)",
+                ep.conference.id,
+                ep.id,
+                addr[0],
+                addr[1],
+                reason,
+                n,
+            )
+
+    def datagram(self, ep: EndpointSession, data: bytes, addr: Address) -> None:
+        stats = self.stats
+        stats.received += 1
+        stats.bytes_in += len(data)
+        kind = classify(data)
+        if kind == "dtls":
+            if ep.driver is None or ep.dtls is None:
+                self._drop(ep, "dtls", addr)
+                return
+            before = ep.dtls.datagrams_ignored
+            ep.driver.datagram_received(data, addr)
+            if ep.dtls.datagrams_ignored != before:
+                self._drop(ep, "dtls", addr)
+            return
+        if kind == "stun":
+            self._drop(ep, "stun", addr)
+            return
+        if kind == "unknown":
+            self._drop(ep, "malformed", addr)
+            return
+        if ep.peer is not None and addr != ep.peer:
+            self._drop(ep, "address", addr)
+            return
+        if ep.peer is None and ep.config.secure and ep.conference.policy.secure:
+            self._drop(ep, "address", addr)  # secure rooms latch at the DTLS handshake only
+            return
+        rtcp = kind == "rtcp"
+        if rtcp and is_control_packet(data):
+            self._control(ep, data, addr)
+            return
+        if len(data) >= 12:
+            ssrc = int.from_bytes(data[4:8] if rtcp else data[8:12], "big")
+            if ssrc not in ep.ssrcs:  # every room holds every key: only its own SSRCs count
+                self._drop(ep, "unknown_ssrc", addr)
+                return
+        conf = ep.conference
+        verdict = conf.forwarder.forward(data, rtcp)
+        if verdict.drop is not None:
+            self._drop(ep, verdict.drop, addr)
+            return
+        ep.last_activity = self._loop.time() if self._loop else 0.0
+        if ep.peer is None:
+            ep.peer = addr
+            log.info("conference %s: endpoint %s: address latched at %s:%d", conf.id, ep.id, *addr)
+            self._install_routes(conf)
+        if verdict.tail is not None:
+            conf.tails.append((verdict.ssrc, verdict.tail))
+        if verdict.switched:
+            conf.switched.append((verdict.ssrc, verdict.switched))
+        endpoints = conf.endpoints
+        for out, receivers in verdict.outputs:
+            for rid in receivers:
+                r = endpoints.get(rid)
+                if r is not None and r.peer is not None:
+                    r.transport.sendto(out, r.peer)
+                    stats.forwarded += 1
+                    stats.bytes_out += len(out)
+
+    def _control(self, ep: EndpointSession, data: bytes, addr: Address) -> None:
+        if ep.hop is None:
+            self._drop(ep, "control", addr)
+            return
+        try:
+            ssrc, msg = decode_control(ep.hop.unprotect(data))
+        except CtmsError as exc:
+            self._drop(ep, "control", addr)
+            log.debug("endpoint %s: bad control packet: %s", ep.id, exc)
+            return
+        if ep.control_ssrc is None:
+            ep.control_ssrc = ssrc
+        ep.last_activity = self.now
+        conf = ep.conference
+        if isinstance(msg, GspAck):
+            conf.policy.gsp_ack(ep.id, msg.spi, self.now)
+        elif isinstance(msg, RekeyDone):
+            conf.policy.rekey_done(ep.id, msg.spi, self.now)
+        else:
+            self._drop(ep, "control", addr)
+            return
+        self._tick(conf)
+
+    # -- policy glue -------------------------------------------------------------------------
+
+    def _tick(self, conf: ConferenceSession) -> None:
+        now = self.now
+        policy = conf.policy
+        if conf.tails:
+            tails, conf.tails = conf.tails, []
+            policy.on_tails(tails, now)
+        if conf.switched:
+            switched, conf.switched = conf.switched, []
+            for ssrc, ids in switched:
+                policy.on_switched(ssrc, ids, now)
+        for ep in conf.endpoints.values():
+            policy.on_activity(ep.id, ep.last_activity)
+        policy.tick(now)
+        self._actions(conf)
+        self._sync_counters(conf)
+        self._install_routes(conf)
+
+    def _actions(self, conf: ConferenceSession) -> None:
+        for action in conf.policy.pop_actions():
+            ep = conf.endpoints.get(getattr(action, "endpoint_id", ""), None)
+            if isinstance(action, GroupsChanged):
+                self._sync_groups(conf)
+            elif isinstance(action, SendGsp) and ep is not None:
+                self._sync_groups(conf)
+                g = action.group
+                msg = GspMessage(
+                    g.spi,
+                    int(g.cipher),
+                    EKT_FORMAT_IDS[conf.config.ekt_format],
+                    profile_named(g.profile).id if isinstance(g.profile, str) else g.profile.id,
+                    g.kek,
+                    g.salt,
+                )
+                ep.send_control(encode_control(msg, conf.control_ssrc))
+            elif isinstance(action, SendDowngrade) and ep is not None:
+                self._downgrade(conf, ep)
+            elif isinstance(action, SendPli) and ep is not None:
+                ep.send_control(encode_pli(conf.control_ssrc, action.media_ssrc))
+            elif isinstance(action, SendFir) and ep is not None:
+                ep.send_control(encode_fir(conf.control_ssrc, action.media_ssrc, action.seq))
+            elif isinstance(action, RemoveEndpoint) and ep is not None:
+                self._close_endpoint(conf, ep.id)
+        self._apply_security(conf)
+
+    def _downgrade(self, conf: ConferenceSession, ep: EndpointSession) -> None:
+        packet = encode_control(Downgrade(), conf.control_ssrc)
+        loop = self._loop or asyncio.get_running_loop()
+        for i in range(DOWNGRADE_REPEATS):
+            loop.call_later(i * DOWNGRADE_SPACING, ep.send_control, packet)
+
+    def _set_modes(self, conf: ConferenceSession, srtp: bool, plain: bool) -> None:
+        conf.modes = (srtp, plain)
+        conf.forwarder.set_modes(srtp, plain)
+
+    def _end_grace(self, conf: ConferenceSession) -> None:
+        conf.grace_spi = None
+        self._set_modes(conf, False, True)
+        self._sync_groups(conf)
+
+    def _apply_security(self, conf: ConferenceSession) -> None:
+        """Forwarder modes follow the policy: SRTP, plain, or both for a second after a
+        downgrade, during which SRTP still reaches the rooms that were secure with the SPI
+        they held (wire.md §8)."""
+        if conf.policy.secure:
+            if conf.modes != (True, False):
+                self._set_modes(conf, True, False)
+        elif conf.modes == (True, False):
+            if not conf.endpoints:  # born non-secure: nothing in flight to wait for
+                self._set_modes(conf, False, True)
+                return
+            conf.grace_spi = dict(conf.installed_spi)
+            self._set_modes(conf, True, True)
+            loop = self._loop or asyncio.get_running_loop()
+            loop.call_later(DOWNGRADE_GRACE, self._end_grace, conf)
+            log.info(
+                "conference %s: downgraded; SRTP accepted for %.1f s more", conf.id, DOWNGRADE_GRACE
+            )
+
+    def _sync_groups(self, conf: ConferenceSession) -> None:
+        want = {g.spi: g for g in conf.policy.groups()}
+        for spi, g in want.items():
+            if spi not in conf.groups:
+                profile = profile_named(g.profile) if isinstance(g.profile, str) else g.profile
+                conf.forwarder.add_group(spi, int(g.cipher), g.kek, g.salt, profile)
+                conf.groups.add(spi)
+        self._install_routes(conf, force=True)
+        if conf.grace_spi is not None:
+            return  # groups stay until in-flight SRTP may no longer arrive
+        for spi in list(conf.groups - set(want)):
+            with contextlib.suppress(ConfigError):  # still routed: dropped on the next sync
+                conf.forwarder.remove_group(spi)
+                conf.groups.discard(spi)
+
+    def _install_routes(self, conf: ConferenceSession, force: bool = False) -> None:
+        latched = frozenset(eid for eid, ep in conf.endpoints.items() if ep.peer is not None)
+        version = conf.policy.routes_version
+        if not force and version == conf.installed_version and latched == conf.installed_latched:
+            return
+        fwd = conf.forwarder
+        for ssrc, receivers in conf.policy.routes().items():
+            if ssrc not in fwd.streams:
+                continue
+            fwd.set_route(
+                ssrc,
+                [r for r in receivers if r.id in latched and (r.spi == 0 or r.spi in fwd.groups)],
+            )
+        conf.installed_version = version
+        conf.installed_latched = latched
+
+    def _sync_counters(self, conf: ConferenceSession) -> None:
+        for name in ("switches", "rekeys", "gsp_timeouts"):
+            value = getattr(conf.policy, name, 0)
+            delta = value - conf.counters.get(name, 0)
+            if delta:
+                setattr(self.stats, name, getattr(self.stats, name) + delta)
+                conf.counters[name] = value
+
+    def snapshot(self, conf_id: str) -> dict[str, Any]:
+        conf = self.conferences[conf_id]
+        return conf.policy.snapshot({eid: ep.port for eid, ep in conf.endpoints.items()})
+
+
+__all__ = ["EndpointSession", "Receiver", "Relay"]
