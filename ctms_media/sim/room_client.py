@@ -76,6 +76,7 @@ class RoomClient(asyncio.DatagramProtocol):
         self.on_media = on_media
         self.transport: asyncio.DatagramTransport | None = None
         self.control_ssrc = 0x7000_0000 | (hash(room_id) & 0x0FFF_FFFF)
+        self.relay_ssrc = -1  # learnt from the first control message (wire.md §8)
         self.events = RoomEvents()
         self.groups: dict[int, EktGroup] = {}
         self.receiver: EktReceiver | None = None
@@ -115,8 +116,10 @@ class RoomClient(asyncio.DatagramProtocol):
         kind = classify(data)
         if kind == "dtls":
             self._dtls_in(data)
-        elif kind == "rtcp" and is_control_packet(data):
-            self._control_in(data)
+        elif kind == "rtcp" and (
+            is_control_packet(data) or int.from_bytes(data[4:8], "big") == self.relay_ssrc
+        ):
+            self._control_in(data)  # the relay's own RTCP: APP messages, PLI, FIR (§8)
         elif kind in ("rtp", "rtcp"):
             self._media_in(data, kind == "rtcp")
 
@@ -233,7 +236,7 @@ class RoomClient(asyncio.DatagramProtocol):
                 )
             return
         try:
-            _, msg = decode_control(plain)
+            self.relay_ssrc, msg = decode_control(plain)
         except CtmsError:
             self.events.control_failures += 1
             return
