@@ -205,7 +205,8 @@ class Forwarder:
             raise _Drop(UNWRAP)
         return pt.key, pt.roc, -1
 
-    def _rtp(self, data: bytes) -> Verdict:
+    def _frame_rtp(self, data: bytes) -> tuple[int, int, StreamState]:
+        """The first two checks of every RTP packet: framing, then a declared SSRC."""
         try:
             hlen = rtp_header_length(data)
         except MalformedError:
@@ -214,6 +215,21 @@ class Forwarder:
         stream = self.streams.get(ssrc)
         if stream is None:
             raise _Drop(UNKNOWN_SSRC)
+        return hlen, ssrc, stream
+
+    def _frame_rtcp(self, data: bytes) -> tuple[RtcpHeader, StreamState]:
+        """The first two checks of every RTCP packet: framing, then a declared SSRC."""
+        try:
+            hdr = RtcpHeader.parse(data)
+        except MalformedError:
+            raise _Drop(MALFORMED) from None
+        stream = self.streams.get(hdr.ssrc)
+        if stream is None:
+            raise _Drop(UNKNOWN_SSRC)
+        return hdr, stream
+
+    def _rtp(self, data: bytes) -> Verdict:
+        hlen, ssrc, stream = self._frame_rtp(data)
         profile = stream.profile
         tag_len = profile.rtp_tag_len
         n = len(data)
@@ -348,13 +364,7 @@ class Forwarder:
         return Rfc8870Full(ct, spi, key.epoch).encode()
 
     def _rtcp(self, data: bytes) -> Verdict:
-        try:
-            hdr = RtcpHeader.parse(data)
-        except MalformedError:
-            raise _Drop(MALFORMED) from None
-        stream = self.streams.get(hdr.ssrc)
-        if stream is None:
-            raise _Drop(UNKNOWN_SSRC)
+        hdr, stream = self._frame_rtcp(data)
         profile = stream.profile
         tag_len = profile.rtcp_tag_len
         n = len(data)
@@ -409,22 +419,10 @@ class Forwarder:
         """Non-secure media (wire.md §7, last paragraph): the tail byte and CSRC rules, no
         tag, no trailer. Nothing authenticates it, so there is no key or replay state."""
         if rtcp:
-            try:
-                hdr = RtcpHeader.parse(data)
-            except MalformedError:
-                raise _Drop(MALFORMED) from None
-            if hdr.ssrc not in self.streams:
-                raise _Drop(UNKNOWN_SSRC)
+            hdr, _ = self._frame_rtcp(data)
             ids = tuple(r.id for r in self.routes.get(hdr.ssrc, ()) if not r.gated)
             return Verdict(ssrc=hdr.ssrc, rtcp=True, outputs=[(data, ids)] if ids else [])
-        try:
-            hlen = rtp_header_length(data)
-        except MalformedError:
-            raise _Drop(MALFORMED) from None
-        ssrc = int.from_bytes(data[8:12], "big")
-        stream = self.streams.get(ssrc)
-        if stream is None:
-            raise _Drop(UNKNOWN_SSRC)
+        hlen, ssrc, stream = self._frame_rtp(data)
         if len(data) < hlen + 1:
             raise _Drop(MALFORMED)
         tail = data[-1]
