@@ -1,4 +1,4 @@
-"""Command line: ``ctms-media demo | conformance``."""
+"""Command line: ``ctms-media demo | load | serve | bench | conformance | fuzz | soak``."""
 
 from __future__ import annotations
 
@@ -31,9 +31,27 @@ def _conformance(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from ctms_media.demo import run_demo
+    from ctms_media.demo import main as demo_main
 
-    return run_demo(seconds=args.seconds, rooms=args.rooms, as_json=args.json)
+    return demo_main(args)
+
+
+def _load(args: argparse.Namespace) -> int:
+    from ctms_media.loadtest import main as load_main
+
+    return load_main(args)
+
+
+def _fuzz(args: argparse.Namespace) -> int:
+    from ctms_media.fuzz import main as fuzz_main
+
+    return fuzz_main(args)
+
+
+def _soak(args: argparse.Namespace) -> int:
+    from ctms_media.soak import main as soak_main
+
+    return soak_main(args)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -46,7 +64,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"ctms-media serve: {exc}", file=sys.stderr)
         return 2
-    return run(config)
+    return run(config, workers=args.workers)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -64,15 +82,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-failures", type=int, default=5, help="failure lines shown per file")
     p.set_defaults(func=_conformance)
 
+    # -- demo (owner: ctms_media/demo.py) --
     p = sub.add_parser("demo", help="a simulated secure meeting through the relay on loopback")
-    p.add_argument("--seconds", type=float, default=3.0)
-    p.add_argument("--rooms", type=int, default=4)
+    p.add_argument("--seconds", type=float, default=20.0, help="meeting length")
+    p.add_argument("--rooms", type=int, default=4, help="rooms (the first one has 3 screens)")
+    p.add_argument("--load", type=int, default=1, metavar="N", help="run N meetings at once")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_demo)
 
+    # -- load (owner: ctms_media/loadtest.py) --
+    p = sub.add_parser("load", help="synthetic rooms against any relay's admin API")
+    p.add_argument("--api", required=True, metavar="URL", help="e.g. http://127.0.0.1:8080")
+    p.add_argument("--rooms", type=int, default=4, help="rooms per conference")
+    p.add_argument("--conferences", type=int, default=1)
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_load)
+
+    # -- serve (owner: ctms_media/server/app.py) --
     p = sub.add_parser("serve", help="run the relay and its admin API")
     p.add_argument("--config", metavar="FILE", help="TOML configuration (see docs)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (one per core)")
     p.set_defaults(func=_serve)
+
+    # -- fuzz (owner: ctms_media/fuzz.py) --
+    p = sub.add_parser("fuzz", help="fuzz the parsers, both forwarders and the relay's demux")
+    p.add_argument("--inputs", type=int, default=1_000_000, help="inputs in all")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_fuzz)
+
+    # -- soak (owner: ctms_media/soak.py) --
+    p = sub.add_parser("soak", help="long run with loss, reordering and duplication injected")
+    p.add_argument("--seconds", type=float, default=600.0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_soak)
 
     p = sub.add_parser("bench", help="measure the forwarders against the floor and libsrtp")
     p.add_argument("--quick", action="store_true", help="finish in under 60 s")

@@ -8,6 +8,7 @@ and every room receives every other room's streams.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -201,3 +202,7 @@ def run_demo(
         )
     ok = report["decrypt_failed"] == 0 and report["forwarded"] > 0
     return 0 if ok else 1
+
+
+def main(args: argparse.Namespace) -> int:
+    return run_demo(seconds=args.seconds, rooms=args.rooms, as_json=args.json)

@@ -46,7 +46,9 @@ async def serve(config: RelayConfig, ready: asyncio.Event | None = None) -> None
         await relay.stop()
 
 
-def run(config: RelayConfig) -> int:
+def run(config: RelayConfig, workers: int = 1) -> int:
+    if workers != 1:
+        raise SystemExit("ctms-media serve: --workers other than 1 is not built yet")
     logging.basicConfig(
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +41,7 @@ from ctms_media.errors import ConfigError, CtmsError
 from ctms_media.forward.verdict import Receiver
 from ctms_media.server.config import RelayConfig
 from ctms_media.server.ports import PortAllocator
-from ctms_media.server.stats import RelayStats
+from ctms_media.server.stats import LATENCY_SAMPLE_EVERY, RelayStats
 from ctms_media.wire.control import (
     Downgrade,
     GspAck,
@@ -346,6 +347,15 @@ class Relay:
     def datagram(self, ep: EndpointSession, data: bytes, addr: Address) -> None:
         stats = self.stats
         stats.received += 1
+        if stats.received % LATENCY_SAMPLE_EVERY == 0:
+            t0 = time.perf_counter()
+            self._datagram(ep, data, addr)
+            stats.latency.observe(time.perf_counter() - t0)
+        else:
+            self._datagram(ep, data, addr)
+
+    def _datagram(self, ep: EndpointSession, data: bytes, addr: Address) -> None:
+        stats = self.stats
         stats.bytes_in += len(data)
         kind = classify(data)
         if kind == "dtls":
