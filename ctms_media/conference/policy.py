@@ -167,6 +167,7 @@ class Conference:
         self._eps: dict[str, _Endpoint] = {}
         self._next_seq = 0
         self._streams: dict[int, tuple[str, StreamConfig]] = {}
+        self._ended: set[int] = set()  # SSRCs that sent BYE and no media since
         self._speakers = SpeakerTracker(config.audio_streams)
         self._activity_counter = 0
         self._segment_activity: dict[tuple[str, int], int] = {}
@@ -494,6 +495,7 @@ class Conference:
         gone = [s.ssrc for s in ep.cfg.streams]
         for ssrc in gone:
             self._streams.pop(ssrc, None)
+            self._ended.discard(ssrc)
             self._speakers.remove_stream(ssrc)
             self._waits.pop(ssrc, None)
         gone_set = set(gone)
@@ -604,6 +606,9 @@ class Conference:
             eid, stream = entry
             ep = self._eps[eid]
             ep.last_activity = now
+            if ssrc in self._ended:  # media again after a BYE: the stream is back
+                self._ended.discard(ssrc)
+                self._video_dirty = True
             if ep.state == HANDSHAKING and not ep.cfg.secure:
                 # Verified media from a non-secure room: its address has latched.
                 ep.state = ACTIVE
@@ -642,6 +647,55 @@ class Conference:
         self._idr_seen(ssrc, now)
         self._routes_dirty = True
         self._commit(now)
+
+    def on_bye(self, ssrc: int, now: float) -> None:
+        """A verified RTCP BYE for ``ssrc`` (RFC 3550 §6.6): the source has stopped.
+
+        Its audio leaves the speaker set at once (no 300 ms lead for whoever replaces it)
+        and its video stops being a display candidate, so displays move to the next source
+        at that source's IDR instead of freezing on the last frame. The endpoint stays:
+        leaving the conference is the admin API's call (or the media timeout's). Media from
+        the SSRC after the BYE makes it a candidate again.
+        """
+        entry = self._streams.get(ssrc)
+        if entry is None or ssrc in self._ended:
+            return
+        eid, stream = entry
+        self._ended.add(ssrc)
+        LOG.info("Conf Id %s: endpoint %s: BYE for SSRC %d (%s)", self.id, eid, ssrc, stream.kind)
+        if stream.kind == "audio":
+            self._speakers.remove_stream(ssrc)
+            self._speakers.add_stream(ssrc)  # back at zero level, a fresh candidate
+            self._routes_dirty = True
+        self._waits.pop(ssrc, None)
+        self._video_dirty = True
+        self._evaluate_speakers(now)
+        self._commit(now)
+
+    def feedback_targets(
+        self, eid: str, media_ssrc: int | None = None, video_only: bool = False
+    ) -> tuple[str, ...]:
+        """Where end-to-end RTCP feedback (NACK, PLI, FIR) from receiver ``eid`` goes.
+
+        The feedback's media-source SSRC sits in the encrypted part of SRTCP, and the relay
+        does not decrypt, so the targets are the rooms whose streams ``eid`` is currently
+        routed (ungated or waiting for an IDR), video streams only for payload-specific
+        feedback (PLI, FIR). When the media SSRC is readable (plain RTCP) and belongs to
+        another endpoint, only that endpoint is the target.
+        """
+        if media_ssrc is not None:
+            entry = self._streams.get(media_ssrc)
+            if entry is not None and entry[0] != eid:
+                return (entry[0],)
+        owners = set()
+        for ssrc, receivers in self._routes.items():
+            entry = self._streams.get(ssrc)
+            if entry is None or (video_only and entry[1].kind != "video"):
+                continue
+            if any(r.id == eid for r in receivers):
+                owners.add(entry[0])
+        owners.discard(eid)
+        return tuple(sorted(owners))
 
     def _idr_seen(self, ssrc: int, now: float) -> None:
         wait = self._waits.get(ssrc)
@@ -748,7 +802,7 @@ class Conference:
             found = []
             for ep in eps:
                 for s in ep.cfg.streams:
-                    if s.kind != "video" or s.position not in positions:
+                    if s.kind != "video" or s.position not in positions or s.ssrc in self._ended:
                         continue
                     eligible = video_destinations(
                         ep.cfg.segments, s.position, rcv.cfg.segments, mode
@@ -764,7 +818,10 @@ class Conference:
             with_video = [
                 ep
                 for ep in others
-                if any(s.kind == "video" and s.position in (1, 2, 3) for s in ep.cfg.streams)
+                if any(
+                    s.kind == "video" and s.position in (1, 2, 3) and s.ssrc not in self._ended
+                    for s in ep.cfg.streams
+                )
             ]
             with_video.sort(key=lambda ep: (-self._room_activity.get(ep.id, 0), ep.seq))
             pool = with_video[:1]

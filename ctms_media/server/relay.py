@@ -14,6 +14,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +27,7 @@ from ctms_media.conference.actions import (
     SendPli,
 )
 from ctms_media.conference.model import ConferenceConfig, EndpointConfig
-from ctms_media.conference.policy import Conference
+from ctms_media.conference.policy import ACTIVE, Conference
 from ctms_media.conformance import implementations
 from ctms_media.dtls import (
     DtlsDriver,
@@ -43,6 +44,7 @@ from ctms_media.server.config import RelayConfig
 from ctms_media.server.ports import PortAllocator
 from ctms_media.server.stats import LATENCY_SAMPLE_EVERY, RelayStats
 from ctms_media.wire.control import (
+    RTCP_PT_PSFB,
     Downgrade,
     GspAck,
     RekeyDone,
@@ -51,6 +53,7 @@ from ctms_media.wire.control import (
     encode_fir,
     encode_pli,
     is_control_packet,
+    rtcp_routing,
 )
 from ctms_media.wire.control import Gsp as GspMessage
 from ctms_media.wire.ekt import EKT_FORMAT_IDS
@@ -130,6 +133,7 @@ class ConferenceSession:
     endpoints: dict[str, EndpointSession] = field(default_factory=dict)
     tails: list[tuple[int, int]] = field(default_factory=list)
     switched: list[tuple[int, tuple[str, ...]]] = field(default_factory=list)
+    byes: list[int] = field(default_factory=list)  # SSRCs whose verified RTCP carried BYE
     installed_version: int = -1
     installed_latched: frozenset[str] = frozenset()
     counters: dict[str, int] = field(default_factory=dict)
@@ -402,6 +406,9 @@ class Relay:
             conf.tails.append((verdict.ssrc, verdict.tail))
         if verdict.switched:
             conf.switched.append((verdict.ssrc, verdict.switched))
+        if rtcp:
+            self._route_rtcp(conf, ep, data, verdict.ssrc)
+            return
         endpoints = conf.endpoints
         for out, receivers in verdict.outputs:
             for rid in receivers:
@@ -410,6 +417,37 @@ class Relay:
                     r.transport.sendto(out, r.peer)
                     stats.forwarded += 1
                     stats.bytes_out += len(out)
+
+    def _route_rtcp(
+        self, conf: ConferenceSession, ep: EndpointSession, data: bytes, ssrc: int | None
+    ) -> None:
+        """End-to-end RTCP goes by its own rule, not the sender's media route: feedback
+        (NACK, PLI, FIR) to the rooms the sender receives from, everything else (SR, RR,
+        SDES with its long EKT trailer, BYE) to every other active room, so that any room
+        can learn any sender's key and decrypt the feedback it is sent. A BYE is queued for
+        the policy. While SRTP is still accepted (also the downgrade second) only the first
+        header is read: the rest may be ciphertext."""
+        routing = rtcp_routing(data, encrypted=conf.modes[0])
+        if routing.bye and ssrc is not None:
+            conf.byes.append(ssrc)
+        policy = conf.policy
+        if routing.feedback is not None:
+            targets: Iterable[str] = policy.feedback_targets(
+                ep.id, routing.media_ssrc, video_only=routing.feedback == RTCP_PT_PSFB
+            )
+        else:
+            targets = [
+                eid
+                for eid in conf.endpoints
+                if eid != ep.id and policy.endpoint_state(eid) == ACTIVE
+            ]
+        stats = self.stats
+        for rid in targets:
+            r = conf.endpoints.get(rid)
+            if r is not None and r.peer is not None:
+                r.transport.sendto(data, r.peer)
+                stats.forwarded += 1
+                stats.bytes_out += len(data)
 
     def _control(self, ep: EndpointSession, data: bytes, addr: Address) -> None:
         if ep.hop is None:
@@ -446,6 +484,10 @@ class Relay:
             switched, conf.switched = conf.switched, []
             for ssrc, ids in switched:
                 policy.on_switched(ssrc, ids, now)
+        if conf.byes:
+            byes, conf.byes = conf.byes, []
+            for ssrc in byes:
+                policy.on_bye(ssrc, now)
         for ep in conf.endpoints.values():
             policy.on_activity(ep.id, ep.last_activity)
         policy.tick(now)
@@ -459,8 +501,9 @@ class Relay:
             if isinstance(action, GroupsChanged):
                 self._sync_groups(conf)
             elif isinstance(action, SendGsp) and ep is not None:
-                self._sync_groups(conf)
                 g = action.group
+                if g.spi not in conf.groups:  # a resend finds its group installed already
+                    self._sync_groups(conf)
                 msg = GspMessage(
                     g.spi,
                     int(g.cipher),

@@ -44,6 +44,8 @@ __all__ = [
 
 RTCP_PT_APP: Final = 204
 RTCP_PT_PSFB: Final = 206
+RTCP_PT_BYE: Final = 203
+RTCP_PT_RTPFB: Final = 205
 APP_NAME: Final = b"CTMS"
 
 _PSFB_PLI: Final = 1
@@ -324,3 +326,48 @@ def decode_feedback(data: bytes) -> Pli | Fir:
         target, seq_nr = struct.unpack_from("!IB", data, 12)
         return Fir(sender, target, seq_nr)
     raise MalformedError(f"unsupported PSFB FMT {fmt} or size")
+
+
+@dataclass(frozen=True, slots=True)
+class RtcpRouting:
+    """What the relay must know of an end-to-end RTCP packet to route it.
+
+    ``feedback`` is the PT of the first feedback packet (RTPFB 205 or PSFB 206), or None;
+    ``media_ssrc`` its media-source SSRC when readable; ``bye`` whether a BYE was seen.
+    """
+
+    feedback: int | None = None
+    media_ssrc: int | None = None
+    bye: bool = False
+
+
+def rtcp_routing(data: bytes, encrypted: bool) -> RtcpRouting:
+    """Classify an RTCP packet for routing without decrypting it.
+
+    SRTCP encrypts everything after the first header's SSRC, so for ``encrypted`` packets
+    only the first header's packet type counts (RFC 5506 reduced-size feedback and BYE are
+    recognised; a compound RR+PLI is not, and follows the sender's route). Plain RTCP is
+    walked header by header; a header whose length runs past the end stops the walk.
+    """
+    n = len(data)
+    if n < 8:
+        return RtcpRouting()
+    if encrypted:
+        pt = data[1]
+        if pt in (RTCP_PT_RTPFB, RTCP_PT_PSFB):
+            return RtcpRouting(feedback=pt)
+        return RtcpRouting(bye=pt == RTCP_PT_BYE)
+    off, feedback, media, bye = 0, None, None, False
+    while off + 8 <= n:
+        pt = data[off + 1]
+        end = off + (int.from_bytes(data[off + 2 : off + 4], "big") + 1) * 4
+        if end > n:
+            break
+        if pt == RTCP_PT_BYE:
+            bye = True
+        elif pt in (RTCP_PT_RTPFB, RTCP_PT_PSFB) and feedback is None:
+            feedback = pt
+            if end - off >= 12:
+                media = int.from_bytes(data[off + 8 : off + 12], "big")
+        off = end
+    return RtcpRouting(feedback, media, bye)
