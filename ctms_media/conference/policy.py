@@ -101,6 +101,8 @@ MSG_MEDIA_TIMEOUT: Final = (
     "Media Timeout occurred for call : called num = {eid}, conference id = {conf}"
 )
 
+SPI_MEMORY: Final = 4096  # SPIs not reused within this many rekeys (their groups are long gone)
+
 HANDSHAKING: Final = "handshaking"
 KEYING: Final = "keying"
 ACTIVE: Final = "active"
@@ -162,7 +164,9 @@ class Conference:
         self._salt: bytes | None = None
         self._current: EktGroupSpec | None = None
         self._groups: dict[int, EktGroupSpec] = {}
-        self._used_spis: set[int] = set()
+        # SPIs handed out, oldest first; the last SPI_MEMORY are never reused (bounded: a
+        # conference with endless churn must not grow, and must not run out of SPIs).
+        self._used_spis: dict[int, None] = {}
         self._distributed_spi: int | None = None
         self._eps: dict[str, _Endpoint] = {}
         self._next_seq = 0
@@ -498,6 +502,7 @@ class Conference:
             self._ended.discard(ssrc)
             self._speakers.remove_stream(ssrc)
             self._waits.pop(ssrc, None)
+            self._fir_seq.pop(ssrc, None)
         gone_set = set(gone)
         self._displays.pop(ep.id, None)
         self._desired.pop(ep.id, None)
@@ -546,7 +551,9 @@ class Conference:
     def _adopt(self, group: EktGroupSpec) -> None:
         self._current = group
         self._groups[group.spi] = group
-        self._used_spis.add(group.spi)
+        self._used_spis[group.spi] = None
+        while len(self._used_spis) > SPI_MEMORY:
+            del self._used_spis[next(iter(self._used_spis))]
 
     def _send_gsp(self, ep: _Endpoint, group: EktGroupSpec, now: float) -> None:
         ep.gsp = _GspTimer(group, now, now + GSP_RESEND)
