@@ -84,25 +84,40 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- demo (owner: ctms_media/demo.py) --
     p = sub.add_parser("demo", help="a simulated secure meeting through the relay on loopback")
-    p.add_argument("--seconds", type=float, default=20.0, help="meeting length")
+    p.add_argument("--seconds", type=float, default=20.0, help="seconds of media")
     p.add_argument("--rooms", type=int, default=4, help="rooms (the first one has 3 screens)")
-    p.add_argument("--load", type=int, default=1, metavar="N", help="run N meetings at once")
+    p.add_argument(
+        "--load",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N meetings at once, each its own conference",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_demo)
 
     # -- load (owner: ctms_media/loadtest.py) --
     p = sub.add_parser("load", help="synthetic rooms against any relay's admin API")
     p.add_argument("--api", required=True, metavar="URL", help="e.g. http://127.0.0.1:8080")
-    p.add_argument("--rooms", type=int, default=4, help="rooms per conference")
-    p.add_argument("--conferences", type=int, default=1)
-    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument(
+        "--rooms", type=int, default=4, help="rooms per conference (the first has 3 screens)"
+    )
+    p.add_argument("--conferences", type=int, default=1, help="conferences run at once")
+    p.add_argument("--seconds", type=float, default=20.0, help="seconds of media")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_load)
 
     # -- serve (owner: ctms_media/server/app.py) --
     p = sub.add_parser("serve", help="run the relay and its admin API")
-    p.add_argument("--config", metavar="FILE", help="TOML configuration (see docs)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (one per core)")
+    p.add_argument("--config", metavar="FILE", help="TOML configuration (docs/operations.md)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="relay processes, each with a slice of the media ports (one per core); "
+        "1 = a single process, no proxy",
+    )
     p.set_defaults(func=_serve)
 
     # -- fuzz (owner: ctms_media/fuzz.py) --
@@ -110,6 +125,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inputs", type=int, default=1_000_000, help="inputs in all")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--targets", default=None, help="comma-separated subset of parsers,twins,relay"
+    )
+    p.add_argument(
+        "--vectors", action="append", metavar="DIR", help="more conformance vectors as seeds"
+    )
+    p.add_argument(
+        "--crash-dir", default="fuzz-crashes", metavar="DIR", help="where reproducers go"
+    )
+    p.add_argument("--replay", metavar="FILE", help="run one reproducer again and exit")
+    p.add_argument(
+        "--atheris", action="store_true", help="coverage-guided mode (needs the atheris extra)"
+    )
     p.set_defaults(func=_fuzz)
 
     # -- soak (owner: ctms_media/soak.py) --

@@ -66,6 +66,8 @@ class RoomClient(asyncio.DatagramProtocol):
         profile: str = "AES_CM_128_HMAC_SHA1_80",
         ack_gsp: bool = True,
         on_media: Callable[[bytes, bytes | None], None] | None = None,
+        on_feedback: Callable[[str, int], None] | None = None,
+        latency_from_payload: bool = True,
     ) -> None:
         self.room_id = room_id
         self.relay_addr = relay_addr
@@ -74,6 +76,12 @@ class RoomClient(asyncio.DatagramProtocol):
         self.profile = profile
         self.ack_gsp = ack_gsp
         self.on_media = on_media
+        # ("pli" | "fir", media SSRC) as each arrives, so a sender can answer with an IDR at
+        # once instead of at its next periodic one (wire.md §10).
+        self.on_feedback = on_feedback
+        # Payloads that end in a perf_counter_ns() stamp give a latency sample per packet;
+        # senders that keep their own send-time ledger turn this off.
+        self.latency_from_payload = latency_from_payload
         self.transport: asyncio.DatagramTransport | None = None
         self.control_ssrc = 0x7000_0000 | (hash(room_id) & 0x0FFF_FFFF)
         self.relay_ssrc = -1  # learnt from the first control message (wire.md §8)
@@ -84,7 +92,8 @@ class RoomClient(asyncio.DatagramProtocol):
         self.hop: HopSrtcp | None = None
         self.connected = asyncio.Event()
         self.keyed = asyncio.Event()
-        self.received = 0
+        self.received = 0  # media datagrams (RTP and end-to-end SRTCP) from the relay
+        self.sent = 0  # every datagram this room sent (DTLS, control, media)
         self.latencies_ns: list[int] = []
         self._conn: SSL.Connection | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -104,6 +113,7 @@ class RoomClient(asyncio.DatagramProtocol):
             return
         if self.drop_outgoing is not None and self.drop_outgoing(data):
             return
+        self.sent += 1
         self.transport.sendto(data, self.relay_addr)
 
     def close(self) -> None:
@@ -231,9 +241,10 @@ class RoomClient(asyncio.DatagramProtocol):
             with contextlib.suppress(CtmsError):
                 fb = decode_feedback(plain)
                 target = getattr(fb, "media_ssrc", None) or getattr(fb, "target_ssrc", 0)
-                (self.events.plis if type(fb).__name__ == "Pli" else self.events.firs).append(
-                    target
-                )
+                pli = type(fb).__name__ == "Pli"
+                (self.events.plis if pli else self.events.firs).append(target)
+                if self.on_feedback is not None:
+                    self.on_feedback("pli" if pli else "fir", target)
             return
         try:
             self.relay_ssrc, msg = decode_control(plain)
@@ -270,7 +281,7 @@ class RoomClient(asyncio.DatagramProtocol):
             plain = self.receiver.receive(data, rtcp) if self.receiver is not None else None
         else:
             plain = data  # after a DOWNGRADE: plain RTP, nothing to decrypt
-        if plain is not None and not rtcp and len(plain) >= 24:
+        if self.latency_from_payload and plain is not None and not rtcp and len(plain) >= 24:
             sent_ns = struct.unpack_from("!Q", plain, len(plain) - 8)[0]
             if 0 < time.perf_counter_ns() - sent_ns < 10_000_000_000:
                 self.latencies_ns.append(time.perf_counter_ns() - sent_ns)
