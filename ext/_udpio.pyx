@@ -34,6 +34,7 @@ from sockets cimport (
     EINTR,
     EWOULDBLOCK,
     MSG_DONTWAIT,
+    MSG_TRUNC,
     errno,
     inet_ntop,
     inet_pton,
@@ -115,8 +116,8 @@ def recv_batch(int fd, uint8_t[:, ::1] arena, int32_t[::1] lengths,
                uint8_t[:, ::1] addrs=None, int32_t[::1] addrlens=None,
                Py_ssize_t max_count=-1, bint use_mmsg=True) -> int:
     """Receive up to ``max_count`` (default: the arena's rows) waiting datagrams without
-    blocking: row i of ``arena`` gets datagram i, ``lengths[i]`` its size (a datagram longer
-    than a row is cut to the row), ``addrs[i]``/``addrlens[i]`` its source. Returns how many
+    blocking: row i of ``arena`` gets datagram i, ``lengths[i]`` its size (0 for a datagram
+    longer than a row: never cut and processed, so it drops as `malformed`), ``addrs[i]``/``addrlens[i]`` its source. Returns how many
     arrived; 0 when none is waiting. Raises OSError for socket errors other than EAGAIN."""
     return _recv(fd, arena, lengths, addrs, addrlens, max_count, use_mmsg)
 
@@ -163,7 +164,12 @@ cdef Py_ssize_t _recv(int fd, uint8_t[:, ::1] arena, int32_t[::1] lengths,
                         err = errno
                     break
                 for i in range(got):
-                    lengths[total + i] = msgs[i].msg_len
+                    # A datagram longer than a row is never cut and processed: length 0
+                    # makes it `malformed`, as the server drops an oversize datagram.
+                    if msgs[i].msg_hdr.msg_flags & MSG_TRUNC:
+                        lengths[total + i] = 0
+                    else:
+                        lengths[total + i] = msgs[i].msg_len
                     if want_addr:
                         addrlens[total + i] = msgs[i].msg_hdr.msg_namelen
                 total += got
@@ -173,7 +179,7 @@ cdef Py_ssize_t _recv(int fd, uint8_t[:, ::1] arena, int32_t[::1] lengths,
         with nogil:
             while total < count:
                 alen = C_ADDR_SIZE
-                r = recvfrom(fd, &arena[total, 0], slot, MSG_DONTWAIT,
+                r = recvfrom(fd, &arena[total, 0], slot, MSG_DONTWAIT | MSG_TRUNC,
                              <sockaddr *>&addrs[total, 0] if want_addr else NULL,
                              &alen if want_addr else NULL)
                 if r < 0:
@@ -182,7 +188,7 @@ cdef Py_ssize_t _recv(int fd, uint8_t[:, ::1] arena, int32_t[::1] lengths,
                     if not _again(errno):
                         err = errno
                     break
-                lengths[total] = <int32_t>min(r, slot)
+                lengths[total] = <int32_t>r if r <= slot else 0  # MSG_TRUNC: real size
                 if want_addr:
                     addrlens[total] = alen
                 total += 1

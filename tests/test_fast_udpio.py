@@ -91,6 +91,21 @@ def test_send_and_receive_batches_with_sources(mmsg: bool) -> None:
 
 
 @MMSG
+def test_a_datagram_longer_than_a_row_is_never_cut_and_processed(mmsg: bool) -> None:
+    a, b = udp(), udp()
+    for data in (b"\x80" * 64, b"\x81" * 300, b"\x82" * 256):  # fits, too long, exactly fits
+        a.sendto(data, b.getsockname())
+    arena = np.zeros((8, 256), np.uint8)
+    lengths = np.full(8, -1, np.int32)
+    got = drain(b, 3, arena, lengths, mmsg)
+    assert got == [b"\x80" * 64, b"", b"\x82" * 256]  # length 0: the forwarder's `malformed`
+    fwd = FastForwarder()
+    assert fwd.forward(b"").drop == "malformed"
+    a.close()
+    b.close()
+
+
+@MMSG
 def test_send_outputs_shares_a_variant_between_receivers(mmsg: bool) -> None:
     tx, r0, r1, r2 = udp(), udp(), udp(), udp()
     book = AddressBook(2)
