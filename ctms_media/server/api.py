@@ -1,4 +1,9 @@
-"""The admin API of wire.md §9 over aiohttp, and /metrics for Prometheus."""
+"""The admin API of wire.md §9 over aiohttp, and /metrics for Prometheus.
+
+One process serves it straight from its :class:`Relay`. Under ``serve --workers N`` every
+worker serves this same app on a private unix socket (plus ``GET /internal/stats``, the
+counters as JSON) and the parent (``server/supervisor.py``) routes the public calls to it.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +16,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from ctms_media.conference.model import ConferenceConfig, EndpointConfig, SecurityMismatch
-from ctms_media.errors import ConfigError, CtmsError
+from ctms_media.errors import ConfigError, CtmsError, LimitReached
 from ctms_media.server.relay import Relay
-from ctms_media.server.stats import RelayCollector
+from ctms_media.server.stats import RelayCollector, StatsSnapshot
 
 log = logging.getLogger("ctms_media.api")
 
@@ -49,6 +54,8 @@ async def create_conference(request: web.Request) -> web.Response:
         relay.create_conference(config)
     except ConfigError as exc:
         return _error(400, str(exc))
+    except LimitReached as exc:  # [limits] conferences: the relay is full, not the body wrong
+        return _error(503, str(exc))
     return web.json_response(relay.snapshot(config.id), status=201)
 
 
@@ -118,6 +125,11 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def internal_stats(request: web.Request) -> web.Response:
+    """A worker's counters and gauges for the parent to add up (never on the public port)."""
+    return web.json_response(StatsSnapshot.of_relay(request.app[RELAY_KEY]).to_json())
+
+
 @web.middleware
 async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
     """Every error the API answers is ``{"error": ...}``, including aiohttp's own 404/405."""
@@ -129,7 +141,8 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return _error(exc.status, exc.reason or "error")
 
 
-def make_app(relay: Relay) -> web.Application:
+def make_app(relay: Relay, *, internal: bool = False) -> web.Application:
+    """The API of one relay; ``internal`` adds the worker-only ``/internal/stats``."""
     app = web.Application(middlewares=[json_errors])
     app[RELAY_KEY] = relay
     registry = CollectorRegistry(auto_describe=True)
@@ -146,4 +159,6 @@ def make_app(relay: Relay) -> web.Application:
             web.get("/metrics", metrics),
         ]
     )
+    if internal:
+        app.add_routes([web.get("/internal/stats", internal_stats)])
     return app

@@ -15,13 +15,20 @@ certificate = "ctms-relay.pem"   # created on first start; its fingerprint survi
 
 [log]
 level = "INFO"
+
+[limits]                  # bounds on what one relay process holds (docs/security.md)
+conferences = 64
+endpoints_per_conference = 48
+streams_per_endpoint = 8  # 4 positions x (audio, video) is the most a room can declare
+streams_per_conference = 256
+datagram_bytes = 2048     # larger datagrams are dropped as malformed, unread
 ```
 """
 
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +37,10 @@ from ctms_media.errors import ConfigError
 
 @dataclass(frozen=True)
 class RelayConfig:
+    """Every setting of one relay process. A new setting is a field with its default plus a
+    row in ``from_mapping``'s ``known`` table; it then reaches ``serve --workers`` workers
+    through :meth:`to_json` without further code (fields must stay JSON scalars)."""
+
     media_host: str = "127.0.0.1"
     port_min: int = 16384
     port_max: int = 32768
@@ -37,6 +48,11 @@ class RelayConfig:
     api_port: int = 8080
     certificate: str = "ctms-relay.pem"
     log_level: str = "INFO"
+    max_conferences: int = 64
+    max_endpoints_per_conference: int = 48
+    max_streams_per_endpoint: int = 8
+    max_streams_per_conference: int = 256
+    max_datagram: int = 2048
 
     def __post_init__(self) -> None:
         if not 1 <= self.port_min <= self.port_max <= 65535:
@@ -46,6 +62,14 @@ class RelayConfig:
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(
                 f"log level {self.log_level!r} is not one of DEBUG INFO WARNING ERROR"
+            )
+        counts = (self.max_conferences, self.max_endpoints_per_conference)
+        counts += (self.max_streams_per_endpoint, self.max_streams_per_conference)
+        if min(counts) < 1:
+            raise ConfigError("config: every [limits] count must be at least 1")
+        if not 1200 <= self.max_datagram <= 65535:  # 1200: a DTLS flight's datagram must fit
+            raise ConfigError(
+                f"config: limits.datagram_bytes {self.max_datagram} is not in 1200..65535"
             )
 
     @classmethod
@@ -69,6 +93,11 @@ class RelayConfig:
             ("api", "port"): "api_port",
             ("dtls", "certificate"): "certificate",
             ("log", "level"): "log_level",
+            ("limits", "conferences"): "max_conferences",
+            ("limits", "endpoints_per_conference"): "max_endpoints_per_conference",
+            ("limits", "streams_per_endpoint"): "max_streams_per_endpoint",
+            ("limits", "streams_per_conference"): "max_streams_per_conference",
+            ("limits", "datagram_bytes"): "max_datagram",
         }
         values: dict[str, Any] = {}
         for section, table in doc.items():
@@ -83,3 +112,15 @@ class RelayConfig:
                     raise ConfigError(f"config: {section}.{key} must be {want}")
                 values[name] = value
         return cls(**values)
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings as JSON, to hand to a worker process (``serve --workers``)."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> RelayConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = set(doc) - names
+        if unknown:
+            raise ConfigError(f"config: unknown settings {sorted(unknown)}")
+        return cls(**doc)

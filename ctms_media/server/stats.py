@@ -1,15 +1,26 @@
 """The relay's counters, kept as plain integers on the packet path and exported to
 Prometheus only when scraped (a prometheus_client Counter per packet costs more than the
-forwarding decision itself)."""
+forwarding decision itself).
+
+With ``serve --workers N`` every worker keeps its own :class:`RelayStats`; the parent
+fetches them as JSON (:meth:`StatsSnapshot.to_json`), adds them up (:func:`merge`) and
+renders the sum with the same :class:`SnapshotCollector`, so one scrape shows the whole
+relay under the same names as a single process.
+"""
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from ctms_media.forward.verdict import DROP_REASONS
@@ -29,7 +40,10 @@ LATENCY_SAMPLE_EVERY = 16  # one datagram in 16 is timed: perf_counter twice cos
 
 @dataclass
 class LatencyHistogram:
-    """Cumulative-on-export histogram of sampled processing times (Prometheus semantics)."""
+    """Cumulative-on-export histogram of sampled processing times (Prometheus semantics).
+
+    ``counts[i]`` holds the samples of bucket i alone (not cumulative) so that adding two
+    histograms is adding their lists; the last slot is the +Inf overflow."""
 
     counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
     total: float = 0.0
@@ -45,6 +59,21 @@ class LatencyHistogram:
         self.total += seconds
         self.count += 1
 
+    def add(self, other: LatencyHistogram) -> None:
+        self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
+        self.total += other.total
+        self.count += other.count
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """Prometheus buckets: (upper bound as text, samples at or below it), +Inf last."""
+        out: list[tuple[str, int]] = []
+        running = 0
+        for bound, n in zip(LATENCY_BUCKETS, self.counts, strict=False):
+            running += n
+            out.append((repr(bound), running))
+        out.append(("+Inf", self.count))
+        return out
+
 
 @dataclass
 class RelayStats:
@@ -55,53 +84,153 @@ class RelayStats:
     dropped: Counter[str] = field(default_factory=Counter)
     handshakes: Counter[str] = field(default_factory=Counter)
     gsp_timeouts: int = 0
+    media_timeouts: int = 0
     switches: int = 0
     rekeys: int = 0
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 
+    # Generic over the fields (ints add, Counters add, the histogram merges), so a counter
+    # added here later crosses the worker boundary without touching this code.
 
-class RelayCollector(Collector):
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, LatencyHistogram):
+                out[f.name] = {"counts": value.counts, "total": value.total, "count": value.count}
+            elif isinstance(value, Counter):
+                out[f.name] = dict(value)
+            else:
+                out[f.name] = value
+        return out
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> RelayStats:
+        stats = cls()
+        for f in fields(stats):
+            if f.name not in doc:
+                continue  # a worker of an older build: that counter reads 0
+            current = getattr(stats, f.name)
+            value = doc[f.name]
+            if isinstance(current, LatencyHistogram):
+                setattr(
+                    stats,
+                    f.name,
+                    LatencyHistogram(list(value["counts"]), float(value["total"]), value["count"]),
+                )
+            elif isinstance(current, Counter):
+                setattr(stats, f.name, Counter(value))
+            else:
+                setattr(stats, f.name, value)
+        return stats
+
+    def add(self, other: RelayStats) -> None:
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(mine, LatencyHistogram):
+                mine.add(theirs)
+            elif isinstance(mine, Counter):
+                mine.update(theirs)
+            else:
+                setattr(self, f.name, mine + theirs)
+
+
+@dataclass
+class StatsSnapshot:
+    """Counters plus the two gauges, as one worker (or the sum of all) reports them."""
+
+    stats: RelayStats = field(default_factory=RelayStats)
+    conferences: int = 0
+    endpoints: int = 0
+
+    @classmethod
+    def of_relay(cls, relay: Relay) -> StatsSnapshot:
+        return cls(
+            relay.stats,
+            len(relay.conferences),
+            sum(len(c.endpoints) for c in relay.conferences.values()),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "stats": self.stats.to_json(),
+            "conferences": self.conferences,
+            "endpoints": self.endpoints,
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> StatsSnapshot:
+        return cls(RelayStats.from_json(doc["stats"]), doc["conferences"], doc["endpoints"])
+
+
+def merge(snapshots: Iterable[StatsSnapshot]) -> StatsSnapshot:
+    """Counters summed, gauges summed, histograms merged bucket by bucket."""
+    total = StatsSnapshot()
+    for s in snapshots:
+        total.stats.add(s.stats)
+        total.conferences += s.conferences
+        total.endpoints += s.endpoints
+    return total
+
+
+def families(snap: StatsSnapshot) -> Iterator[Metric]:
+    """The metric families of wire.md §9 (and a few more) for one snapshot."""
+    s = snap.stats
+    yield CounterMetricFamily(
+        "ctms_packets_received", "Datagrams received on media ports", value=s.received
+    )
+    yield CounterMetricFamily(
+        "ctms_packets_forwarded",
+        "Datagrams sent to receivers (one per receiver)",
+        value=s.forwarded,
+    )
+    yield CounterMetricFamily(
+        "ctms_bytes_received", "Bytes received on media ports", value=s.bytes_in
+    )
+    yield CounterMetricFamily("ctms_bytes_forwarded", "Bytes sent to receivers", value=s.bytes_out)
+    dropped = CounterMetricFamily(
+        "ctms_packets_dropped", "Datagrams dropped, by reason", labels=["reason"]
+    )
+    for reason in sorted(set(ALL_REASONS) | set(s.dropped)):
+        dropped.add_metric([reason], s.dropped.get(reason, 0))
+    yield dropped
+    hs = CounterMetricFamily("ctms_handshakes", "DTLS handshakes, by result", labels=["result"])
+    for result in sorted({"ok", "failed"} | set(s.handshakes)):
+        hs.add_metric([result], s.handshakes.get(result, 0))
+    yield hs
+    yield CounterMetricFamily(
+        "ctms_gsp_timeouts", "Endpoints dropped for a missing GSP-ACK", value=s.gsp_timeouts
+    )
+    yield CounterMetricFamily(
+        "ctms_media_timeouts",
+        "Endpoints dropped after 30 s without a datagram",
+        value=s.media_timeouts,
+    )
+    yield CounterMetricFamily("ctms_switches", "Display switches", value=s.switches)
+    yield CounterMetricFamily("ctms_rekeys", "Group rekeys", value=s.rekeys)
+    yield GaugeMetricFamily("ctms_conferences", "Conferences running", value=snap.conferences)
+    yield GaugeMetricFamily("ctms_endpoints", "Endpoints in conferences", value=snap.endpoints)
+    yield HistogramMetricFamily(
+        "ctms_processing_seconds",
+        f"Receive-to-last-send time of one datagram, sampled 1 in {LATENCY_SAMPLE_EVERY}",
+        buckets=s.latency.cumulative(),
+        sum_value=s.latency.total,
+    )
+
+
+class SnapshotCollector(Collector):
+    """Renders whatever snapshot ``source`` returns at scrape time."""
+
+    def __init__(self, source: Callable[[], StatsSnapshot]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        yield from families(self.source())
+
+
+class RelayCollector(SnapshotCollector):
     """Reads a live :class:`Relay` at scrape time."""
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
-
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        s = self.relay.stats
-        yield CounterMetricFamily(
-            "ctms_packets_received", "Datagrams received on media ports", value=s.received
-        )
-        yield CounterMetricFamily(
-            "ctms_packets_forwarded",
-            "Datagrams sent to receivers (one per receiver)",
-            value=s.forwarded,
-        )
-        yield CounterMetricFamily(
-            "ctms_bytes_received", "Bytes received on media ports", value=s.bytes_in
-        )
-        yield CounterMetricFamily(
-            "ctms_bytes_forwarded", "Bytes sent to receivers", value=s.bytes_out
-        )
-        dropped = CounterMetricFamily(
-            "ctms_packets_dropped", "Datagrams dropped, by reason", labels=["reason"]
-        )
-        for reason in sorted(set(ALL_REASONS) | set(s.dropped)):
-            dropped.add_metric([reason], s.dropped.get(reason, 0))
-        yield dropped
-        hs = CounterMetricFamily("ctms_handshakes", "DTLS handshakes, by result", labels=["result"])
-        for result in sorted({"ok", "failed"} | set(s.handshakes)):
-            hs.add_metric([result], s.handshakes.get(result, 0))
-        yield hs
-        yield CounterMetricFamily(
-            "ctms_gsp_timeouts", "Endpoints dropped for a missing GSP-ACK", value=s.gsp_timeouts
-        )
-        yield CounterMetricFamily("ctms_switches", "Display switches", value=s.switches)
-        yield CounterMetricFamily("ctms_rekeys", "Group rekeys", value=s.rekeys)
-        yield GaugeMetricFamily(
-            "ctms_conferences", "Conferences running", value=len(self.relay.conferences)
-        )
-        yield GaugeMetricFamily(
-            "ctms_endpoints",
-            "Endpoints in conferences",
-            value=sum(len(c.endpoints) for c in self.relay.conferences.values()),
-        )
+        super().__init__(lambda: StatsSnapshot.of_relay(relay))
