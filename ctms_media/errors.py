@@ -19,3 +19,11 @@ class UnwrapError(CtmsError):
 
 class ConfigError(CtmsError):
     """A parameter set, stream or route that the contract does not allow."""
+
+
+class LimitReached(CtmsError):
+    """A configured bound on relay state (``[limits]``) would be exceeded by a request.
+
+    Its own class, apart from :class:`ConfigError`, because the request itself is fine: it
+    may succeed once something leaves, so the admin API answers 503, not 400.
+    """

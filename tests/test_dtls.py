@@ -656,6 +656,10 @@ def test_driver_abandons_on_the_loop_clock(
         for datagram in client.step():
             driver.datagram_received(datagram, ADDR)
         assert sent and sent[0][1] == ADDR  # the HelloVerifyRequest goes back to the sender
+        assert server.next_timeout() is None  # a cookieless ClientHello starts no clock
+        for datagram in client.feed([d for d, _ in sent]):  # ClientHello with the cookie
+            driver.datagram_received(datagram, ADDR)
+        assert server.pending_handshakes == 1
         await asyncio.sleep(0.5)
         assert server.state is DtlsState.FAILED
         assert len(events) == 1 and isinstance(events[0], HandshakeFailed)

@@ -22,6 +22,7 @@ from ctms_media.wire.srtp import DEFAULT_PROFILE, Profile, profile_named
 
 __all__ = [
     "DEFAULT_EKT_CIPHER",
+    "MAX_ID_LENGTH",
     "SECURITY_MODES",
     "SWITCHING_MODES",
     "ConferenceConfig",
@@ -49,6 +50,7 @@ DEFAULT_EKT_CIPHER: Final = {"ctms": 1, "rfc8870": 2}
 
 MAX_SPI: Final = {"ctms": 0x7FFF, "rfc8870": 0xFFFF}  # the trailer's SPI field width
 SALT_LENGTH: Final = 14
+MAX_ID_LENGTH: Final = 128
 
 _FINGERPRINT = re.compile(r"^[A-Za-z0-9-]+ [0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2})+$")
 
@@ -63,6 +65,18 @@ class SecurityMismatch(CtmsError):
 def _require_str(value: Any, what: str) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{what} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _require_id(value: Any, what: str) -> str:
+    """Ids go into URLs, log lines and metrics: bounded in length, printable (a newline in an
+    id would forge a log line), and without '/' (such a conference could be created but never
+    addressed again by ``GET``/``DELETE /v1/conferences/{id}``)."""
+    _require_str(value, what)
+    if len(value) > MAX_ID_LENGTH:
+        raise ConfigError(f"{what} must be at most {MAX_ID_LENGTH} characters, got {len(value)}")
+    if not value.isprintable() or "/" in value:
+        raise ConfigError(f"{what} must be printable and without '/', got {value!r}")
     return value
 
 
@@ -126,7 +140,7 @@ class EndpointConfig:
     streams: tuple[StreamConfig, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
-        _require_str(self.id, "endpoint id")
+        _require_id(self.id, "endpoint id")
         segments = _require_int(self.segments, f"endpoint {self.id}: segments")
         if segments not in SEGMENT_COUNTS:
             raise ConfigError(f"endpoint {self.id}: segments must be 1 or 3, got {segments}")
@@ -214,7 +228,7 @@ class ConferenceConfig:
     ekt_cipher: int | None = None
 
     def __post_init__(self) -> None:
-        _require_str(self.id, "conference id")
+        _require_id(self.id, "conference id")
         if self.security not in SECURITY_MODES:
             raise ConfigError(
                 f"security must be one of {', '.join(SECURITY_MODES)}, got {self.security!r}"

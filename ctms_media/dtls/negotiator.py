@@ -25,6 +25,7 @@ import hashlib
 import hmac
 import logging
 import os
+import struct
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Final
@@ -170,20 +171,56 @@ def split_records(data: bytes, limit: int = MAX_DATAGRAM) -> list[bytes]:
     return datagrams
 
 
-def _cookie(conn: SSL.Connection) -> bytes:
-    # app data is (endpoint id, peer address), set before DTLSv1_listen; binding the endpoint id
-    # too keeps a cookie earned on one endpoint's port from opening another's.
-    endpoint_id, addr = conn.get_app_data()
-    msg = repr((endpoint_id, addr)).encode()
-    return hmac.new(_COOKIE_SECRET, msg, hashlib.sha256).digest()[:20]
+_STAMP: Final = struct.Struct("!d")
+_COOKIE_MAC_LENGTH: Final = 20
+
+
+@dataclass
+class _CookieContext:
+    """What the cookie callbacks know of one datagram: set as the Connection's app data.
+
+    The cookie carries the time it was issued (in the caller's clock), under the MAC. That is
+    what lets the 10 s handshake limit start at the peer's first ClientHello without keeping
+    anything per ClientHello: the time comes back with the cookie, from the one peer that
+    proved it receives at its address. ``issued_at`` is filled in when a cookie verifies.
+    """
+
+    endpoint_id: str
+    addr: Hashable | None
+    now: float
+    lifetime: float
+    issued_at: float | None = None
+
+
+def _cookie_mac(ctx: _CookieContext, stamp: bytes) -> bytes:
+    # Binding the endpoint id keeps a cookie earned on one endpoint's port from opening
+    # another's; binding the address keeps it from being replayed from elsewhere.
+    msg = repr((ctx.endpoint_id, ctx.addr)).encode() + stamp
+    return hmac.new(_COOKIE_SECRET, msg, hashlib.sha256).digest()[:_COOKIE_MAC_LENGTH]
 
 
 def _generate_cookie(conn: SSL.Connection) -> bytes:
-    return _cookie(conn)
+    ctx: _CookieContext = conn.get_app_data()
+    stamp = _STAMP.pack(ctx.now)
+    return stamp + _cookie_mac(ctx, stamp)
 
 
 def _verify_cookie(conn: SSL.Connection, cookie: bytes) -> bool:
-    return hmac.compare_digest(cookie, _cookie(conn))
+    # Runs inside OpenSSL: must not raise. A cookie older than the handshake limit (or from
+    # the future) is refused like a forged one, so the peer simply gets a fresh
+    # HelloVerifyRequest and no cookie stays good for the life of the process.
+    ctx: _CookieContext = conn.get_app_data()
+    cookie = bytes(cookie)
+    if len(cookie) != _STAMP.size + _COOKIE_MAC_LENGTH:
+        return False
+    stamp, mac = cookie[: _STAMP.size], cookie[_STAMP.size :]
+    if not hmac.compare_digest(mac, _cookie_mac(ctx, stamp)):
+        return False
+    (issued,) = _STAMP.unpack(stamp)
+    if not issued <= ctx.now < issued + ctx.lifetime:
+        return False
+    ctx.issued_at = issued
+    return True
 
 
 class DtlsServer:
@@ -197,7 +234,9 @@ class DtlsServer:
 
     Only one peer address is served: the first whose cookie verifies. From then on datagrams
     from any other address are ignored (counted), so a stray or hostile sender cannot reset
-    the handshake; before that, every ClientHello just gets a HelloVerifyRequest.
+    the handshake; before that, every ClientHello just gets a HelloVerifyRequest and leaves
+    nothing behind. So the state one endpoint port holds is bounded by construction: at most
+    one OpenSSL connection (:attr:`pending_handshakes`), whatever arrives.
     """
 
     def __init__(
@@ -278,9 +317,9 @@ class DtlsServer:
         self._verify_rejected = True
         return False
 
-    def _new_connection(self, addr: Hashable | None) -> SSL.Connection:
+    def _new_connection(self, addr: Hashable | None, now: float) -> SSL.Connection:
         conn = SSL.Connection(self._ctx, None)
-        conn.set_app_data((self.endpoint_id, addr))
+        conn.set_app_data(_CookieContext(self.endpoint_id, addr, now, self.handshake_timeout))
         # The ciphertext MTU is the UDP payload size. With OP_NO_QUERY_MTU (a memory BIO cannot
         # answer the query) OpenSSL fragments handshake messages to fit it, so every record
         # fits one of our datagrams.
@@ -360,6 +399,11 @@ class DtlsServer:
         return events
 
     @property
+    def pending_handshakes(self) -> int:
+        """Handshakes holding state (0 or 1): what a ClientHello flood must not grow."""
+        return int(self._conn is not None and self.state is DtlsState.HANDSHAKING)
+
+    @property
     def profile(self) -> SrtpProfile | None:
         if self.keys is None:
             return None
@@ -373,8 +417,10 @@ class DtlsServer:
 
     def _listen(self, datagram: bytes, now: float, addr: Hashable | None) -> list[bytes]:
         # A fresh Connection per datagram is what makes the cookie exchange stateless: nothing
-        # of a ClientHello without a valid cookie outlives this call.
-        conn = self._new_connection(addr)
+        # of a ClientHello without a valid cookie outlives this call, not even a timestamp (a
+        # flood of spoofed ClientHellos used to start the 10 s clock, and its expiry then
+        # failed whatever real handshake was in progress at that moment).
+        conn = self._new_connection(addr, now)
         try:
             conn.bio_write(datagram)
             conn.DTLSv1_listen()
@@ -383,15 +429,13 @@ class DtlsServer:
             if not replies:  # not a ClientHello at all
                 self.datagrams_ignored += 1
                 return []
-            if self.first_datagram_at is None:
-                self.first_datagram_at = now
             self.cookies_sent += 1
             return replies
         except SSL.Error:
             self.datagrams_ignored += 1
             return []
-        if self.first_datagram_at is None:
-            self.first_datagram_at = now
+        issued = conn.get_app_data().issued_at
+        self.first_datagram_at = now if issued is None else issued
         self._conn = conn
         self.peer_address = addr
         self._advance()

@@ -38,7 +38,7 @@ from ctms_media.dtls import (
     PeerClosed,
     RelayCertificate,
 )
-from ctms_media.errors import ConfigError, CtmsError
+from ctms_media.errors import ConfigError, CtmsError, LimitReached, MalformedError
 from ctms_media.forward.verdict import Receiver
 from ctms_media.server.config import RelayConfig
 from ctms_media.server.ports import PortAllocator
@@ -57,7 +57,7 @@ from ctms_media.wire.control import (
 )
 from ctms_media.wire.control import Gsp as GspMessage
 from ctms_media.wire.ekt import EKT_FORMAT_IDS
-from ctms_media.wire.rtp import classify
+from ctms_media.wire.rtp import RtcpHeader, classify, rtp_header_length
 from ctms_media.wire.srtp import profile_named
 
 log = logging.getLogger("ctms_media.relay")
@@ -165,6 +165,9 @@ class Relay:
         )
         self.conferences: dict[str, ConferenceSession] = {}
         self.stats = RelayStats()
+        # Larger datagrams are dropped unread: no MTU-sized packet is this big. The default
+        # (2048) is the batch path's arena row (fastpath/batch.py), so both accept the same.
+        self.max_datagram = self.config.max_datagram
         self.rng = rng or random.SystemRandom()
         self._tick_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -199,9 +202,17 @@ class Relay:
 
     # -- admin operations (the API calls these) --------------------------------------------
 
+    def _refuse(self, what: str, error: CtmsError) -> CtmsError:
+        """One log line for a request a ``[limits]`` bound refuses; the error is the answer."""
+        log.warning("%s refused: %s", what, error)
+        return error
+
     def create_conference(self, config: ConferenceConfig) -> ConferenceSession:
         if config.id in self.conferences:
             raise ConfigError(f"conference {config.id} exists")
+        if len(self.conferences) >= (limit := self.config.max_conferences):
+            error = LimitReached(f"conference limit reached ({limit})")
+            raise self._refuse(f"conference {config.id}", error)
         fwd = self._forwarder_factory(config.ekt_format)
         policy = Conference(config, self.now, rng=random.Random(self.rng.getrandbits(64)))
         conf = ConferenceSession(config.id, config, policy, fwd, self.rng.getrandbits(32) or 1)
@@ -229,6 +240,22 @@ class Relay:
         for s in config.streams:
             if s.ssrc in conf.declared:
                 raise ConfigError(f"SSRC {s.ssrc} is already declared in conference {conf_id}")
+        # Bounds count what the policy holds: it admits synchronously, before the port is
+        # bound, so concurrent requests cannot all slip under a limit during that await.
+        what, limits = f"conference {conf_id}: endpoint {config.id}", self.config
+        if len(conf.policy.endpoint_ids()) >= (limit := limits.max_endpoints_per_conference):
+            error = LimitReached(f"endpoint limit reached ({limit}) in conference {conf_id}")
+            raise self._refuse(what, error)
+        if len(config.streams) > (limit := limits.max_streams_per_endpoint):
+            error = ConfigError(  # this body can never succeed here: 400, not 503
+                f"endpoint {config.id} declares {len(config.streams)} streams; "
+                f"the limit is {limit} per endpoint"
+            )
+            raise self._refuse(what, error)
+        streams = len(conf.policy.streams()) + len(config.streams)
+        if streams > (limit := limits.max_streams_per_conference):
+            error = LimitReached(f"stream limit reached ({limit}) in conference {conf_id}")
+            raise self._refuse(what, error)
         now = self.now
         conf.policy.add_endpoint(config, now)  # may raise SecurityMismatch
         try:
@@ -351,6 +378,10 @@ class Relay:
     def datagram(self, ep: EndpointSession, data: bytes, addr: Address) -> None:
         stats = self.stats
         stats.received += 1
+        if len(data) > self.max_datagram:  # before anything parses it, DTLS included
+            stats.bytes_in += len(data)
+            self._drop(ep, "malformed", addr)
+            return
         if stats.received % LATENCY_SAMPLE_EVERY == 0:
             t0 = time.perf_counter()
             self._datagram(ep, data, addr)
@@ -387,11 +418,21 @@ class Relay:
         if rtcp and is_control_packet(data):
             self._control(ep, data, addr)
             return
-        if len(data) >= 12:
-            ssrc = int.from_bytes(data[4:8] if rtcp else data[8:12], "big")
-            if ssrc not in ep.ssrcs:  # every room holds every key: only its own SSRCs count
-                self._drop(ep, "unknown_ssrc", addr)
-                return
+        # Framing first (vectors.md: `malformed` wins over `unknown_ssrc`), then ownership,
+        # before the forwarder can touch any state: every room holds every sender's key
+        # through EKT, so only a room's own SSRCs are believed from its port.
+        try:
+            if rtcp:
+                RtcpHeader.parse(data)
+            else:
+                rtp_header_length(data)
+        except MalformedError:
+            self._drop(ep, "malformed", addr)
+            return
+        ssrc = int.from_bytes(data[4:8] if rtcp else data[8:12], "big")
+        if ssrc not in ep.ssrcs:
+            self._drop(ep, "unknown_ssrc", addr)
+            return
         conf = ep.conference
         verdict = conf.forwarder.forward(data, rtcp)
         if verdict.drop is not None:
@@ -589,7 +630,7 @@ class Relay:
         conf.installed_latched = latched
 
     def _sync_counters(self, conf: ConferenceSession) -> None:
-        for name in ("switches", "rekeys", "gsp_timeouts"):
+        for name in ("switches", "rekeys", "gsp_timeouts", "media_timeouts"):
             value = getattr(conf.policy, name, 0)
             delta = value - conf.counters.get(name, 0)
             if delta:
