@@ -87,7 +87,8 @@ class EndpointPort(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:  # ICMP from a room that went away
         if self.endpoint is not None:
-            log.debug("endpoint %s: socket error %s", self.endpoint.id, exc)
+            ep = self.endpoint
+            log.debug("conference %s: endpoint %s: socket error %s", ep.conference.id, ep.id, exc)
 
 
 @dataclass(eq=False)
@@ -118,7 +119,12 @@ class EndpointSession:
             try:
                 plain_rtcp = self.hop.protect(plain_rtcp)
             except CtmsError as exc:
-                log.warning("endpoint %s: cannot protect control packet: %s", self.id, exc)
+                log.warning(
+                    "conference %s: endpoint %s: cannot protect control packet: %s",
+                    self.conference.id,
+                    self.id,
+                    exc,
+                )
                 return
         self.send(plain_rtcp)
 
@@ -498,7 +504,9 @@ class Relay:
             ssrc, msg = decode_control(ep.hop.unprotect(data))
         except CtmsError as exc:
             self._drop(ep, "control", addr)
-            log.debug("endpoint %s: bad control packet: %s", ep.id, exc)
+            log.debug(
+                "conference %s: endpoint %s: bad control packet: %s", ep.conference.id, ep.id, exc
+            )
             return
         if ep.control_ssrc is None:
             ep.control_ssrc = ssrc
