@@ -15,6 +15,7 @@ import pytest
 
 from ctms_media.conference.model import MAX_ID_LENGTH
 from ctms_media.errors import ConfigError
+from ctms_media.server.api import MAX_BODY
 from ctms_media.server.config import RelayConfig
 from ctms_media.sim.room_client import RoomClient, open_room
 
@@ -174,10 +175,11 @@ def test_stream_limits(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None
 def test_body_and_id_bounds(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_relay(tmp_path) as h:
-            # aiohttp's client_max_size (1 MiB) bounds every body; the answer is still JSON.
-            huge = b'{"id": "' + b"x" * (2 << 20) + b'"}'
-            async with h.http.post(h.url + "/v1/conferences", data=huge) as r:
-                assert r.status == 413 and "error" in await r.json()
+            # MAX_BODY (64 KiB) bounds every body; the answer is still JSON.
+            for size in (MAX_BODY + 1, 2 << 20):
+                huge = b'{"id": "' + b"x" * size + b'"}'
+                async with h.http.post(h.url + "/v1/conferences", data=huge) as r:
+                    assert r.status == 413 and "error" in await r.json()
             for bad in ("x" * (MAX_ID_LENGTH + 1), "two\nlines", "a/b", "tab\there"):
                 status, body = await h.post("/v1/conferences", {"id": bad})
                 assert status == 400 and "conference id" in body["error"], bad

@@ -22,6 +22,7 @@ from ctms_media.server.stats import RelayCollector, StatsSnapshot
 
 log = logging.getLogger("ctms_media.api")
 
+MAX_BODY = 64 * 1024  # the largest admin body (an endpoint with 8 streams) is under 1 KiB
 RELAY_KEY = web.AppKey("relay", Relay)
 REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
 
@@ -143,7 +144,7 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
 
 def make_app(relay: Relay, *, internal: bool = False) -> web.Application:
     """The API of one relay; ``internal`` adds the worker-only ``/internal/stats``."""
-    app = web.Application(middlewares=[json_errors])
+    app = web.Application(middlewares=[json_errors], client_max_size=MAX_BODY)
     app[RELAY_KEY] = relay
     registry = CollectorRegistry(auto_describe=True)
     registry.register(RelayCollector(relay))

@@ -50,7 +50,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from ctms_media.dtls.certificate import RelayCertificate
 from ctms_media.errors import ConfigError, CtmsError
-from ctms_media.server.api import json_errors
+from ctms_media.server.api import MAX_BODY, json_errors
 from ctms_media.server.config import RelayConfig
 from ctms_media.server.stats import StatsSnapshot, families, merge
 
@@ -436,7 +436,7 @@ class Supervisor:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     def make_app(self) -> web.Application:
-        app = web.Application(middlewares=[json_errors])
+        app = web.Application(middlewares=[json_errors], client_max_size=MAX_BODY)
         app.add_routes(
             [
                 web.post("/v1/conferences", self.create_conference),
