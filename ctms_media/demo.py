@@ -10,7 +10,6 @@ room decrypts what it gets with keys it learnt only from EKT trailers.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import tempfile
 from pathlib import Path
@@ -22,8 +21,8 @@ from rich.console import Console
 from ctms_media.server.api import make_app
 from ctms_media.server.config import RelayConfig
 from ctms_media.server.relay import Relay
-from ctms_media.sim.live import LiveView, emit_report
-from ctms_media.sim.meeting import LoadError, RunOptions, RunView, exit_status, run_meetings
+from ctms_media.sim.live import LiveView, run_and_report
+from ctms_media.sim.meeting import RunOptions, RunView, run_meetings
 
 
 async def run_demo(options: RunOptions, view: RunView | None = None) -> dict[str, Any]:
@@ -55,16 +54,4 @@ def main(args: argparse.Namespace) -> int:
         mode="demo",
     )
     view = LiveView(Console()) if sys.stdout.isatty() and not args.json else None
-    try:
-        report = asyncio.run(run_demo(options, view))
-    except LoadError as exc:
-        print(f"ctms-media demo: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("ctms-media demo: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        if view is not None:
-            view.close()
-    emit_report(report, args.json)
-    return exit_status(report)
+    return run_and_report("demo", run_demo(options, view), view, args.json)

@@ -18,12 +18,10 @@ from typing import Any
 
 from rich.console import Console
 
-from ctms_media.sim.live import ProgressView, emit_report
+from ctms_media.sim.live import ProgressView, run_and_report
 from ctms_media.sim.meeting import (
-    LoadError,
     RunOptions,
     RunView,
-    exit_status,
     run_meetings,
 )
 
@@ -47,16 +45,6 @@ def main(args: argparse.Namespace) -> int:
         mode="load",
     )
     view = ProgressView(Console(stderr=True), args.seconds) if sys.stderr.isatty() else None
-    try:
-        report = asyncio.run(_run(options, view))
-    except LoadError as exc:
-        print(f"ctms-media load: {exc}", file=sys.stderr)
-        return 2
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("ctms-media load: interrupted; its conferences were deleted", file=sys.stderr)
-        return 130
-    finally:
-        if view is not None:
-            view.close()
-    emit_report(report, args.json)
-    return exit_status(report)
+    return run_and_report(
+        "load", _run(options, view), view, args.json, "; its conferences were deleted"
+    )

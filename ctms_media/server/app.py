@@ -24,8 +24,9 @@ log = logging.getLogger("ctms_media.serve")
 SHUTDOWN_TIMEOUT = 0.5  # an admin call in flight gets this long once a stop signal arrived
 
 
-async def serve(config: RelayConfig, ready: asyncio.Event | None = None) -> int:
-    """Run until a signal; then close every port and drop all state. Returns the exit status."""
+def stop_on_signals() -> tuple[asyncio.Event, list[str]]:
+    """An event SIGTERM or SIGINT sets, and the names of the signals that came: the one way
+    both the single process and the supervisor learn it is time to stop."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     received: list[str] = []
@@ -36,6 +37,12 @@ async def serve(config: RelayConfig, ready: asyncio.Event | None = None) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    return stop, received
+
+
+async def serve(config: RelayConfig, ready: asyncio.Event | None = None) -> int:
+    """Run until a signal; then close every port and drop all state. Returns the exit status."""
+    stop, received = stop_on_signals()
     try:
         relay = Relay(config)  # loads or creates the certificate
     except (OSError, CtmsError) as exc:

@@ -472,16 +472,9 @@ class _SupervisorCollector(Collector):
 
 async def serve_workers(config: RelayConfig, workers: int) -> int:
     """Run the supervisor until SIGTERM/SIGINT; exit status 0 after a clean stop."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    received: list[str] = []
+    from ctms_media.server.app import stop_on_signals  # app imports this module lazily
 
-    def on_signal(sig: signal.Signals) -> None:
-        received.append(sig.name)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
+    stop, received = stop_on_signals()
     sup = Supervisor(config, workers)
     try:
         await sup.start()

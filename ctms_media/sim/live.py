@@ -8,7 +8,10 @@ so they cost nothing between updates and never write while the run prints its re
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sys
+from collections.abc import Coroutine
 from typing import Any
 
 from rich.console import Console, Group
@@ -18,7 +21,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from ctms_media.sim.meeting import Meeting, RunStatus
+from ctms_media.sim.meeting import LoadError, Meeting, RunStatus, exit_status
 
 POSITION_NAMES = {1: "left", 2: "center", 3: "right", 4: "aux"}
 _SHORT = {1: "L", 2: "C", 3: "R", 4: "aux"}
@@ -220,3 +223,27 @@ def emit_report(report: dict[str, Any], as_json: bool) -> None:
         print(json.dumps(report), flush=True)
     else:
         print_report(report, Console())
+
+
+def run_and_report(
+    command: str,
+    run: Coroutine[Any, Any, dict[str, Any]],
+    view: LiveView | ProgressView | None,
+    as_json: bool,
+    interrupted: str = "",
+) -> int:
+    """The end of ``demo`` and ``load`` alike: run, close the view, print the report, and
+    answer the exit status (2 setup failed, 130 interrupted, else the report's verdict)."""
+    try:
+        report = asyncio.run(run)
+    except LoadError as exc:
+        print(f"ctms-media {command}: {exc}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print(f"ctms-media {command}: interrupted{interrupted}", file=sys.stderr)
+        return 130
+    finally:
+        if view is not None:
+            view.close()
+    emit_report(report, as_json)
+    return exit_status(report)
