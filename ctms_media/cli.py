@@ -125,9 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inputs", type=int, default=1_000_000, help="inputs in all")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument(
-        "--targets", default=None, help="comma-separated subset of parsers,twins,relay"
-    )
+    p.add_argument("--targets", default=None, help="comma-separated subset of parsers,twins,relay")
     p.add_argument(
         "--vectors", action="append", metavar="DIR", help="more conformance vectors as seeds"
     )
@@ -136,14 +134,41 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--replay", metavar="FILE", help="run one reproducer again and exit")
     p.add_argument(
+        "--minimize", action="store_true", help="with --replay: write a shortest FILE.min.json"
+    )
+    p.add_argument(
         "--atheris", action="store_true", help="coverage-guided mode (needs the atheris extra)"
+    )
+    p.add_argument(
+        "--memory-limit",
+        type=int,
+        default=4096,
+        metavar="MB",
+        help="address-space cap, so a blow-up is a MemoryError, not the OOM killer (0: none)",
     )
     p.set_defaults(func=_fuzz)
 
     # -- soak (owner: ctms_media/soak.py) --
     p = sub.add_parser("soak", help="long run with loss, reordering and duplication injected")
-    p.add_argument("--seconds", type=float, default=600.0)
+    p.add_argument("--seconds", type=float, default=600.0, help="seconds of media (10 min)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--conferences",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run N conferences and skip the capacity probe (default: half the capacity)",
+    )
+    p.add_argument("--rooms", type=int, default=4, help="rooms per conference (first: 3 screens)")
+    p.add_argument("--loss", type=float, default=0.05, help="share lost, each direction")
+    p.add_argument("--reorder", type=float, default=0.05, help="share held back, each direction")
+    p.add_argument("--duplicate", type=float, default=0.05, help="share sent twice, each way")
+    p.add_argument("--hold-min-ms", type=float, default=5.0, help="shortest reorder hold")
+    p.add_argument("--hold-max-ms", type=float, default=40.0, help="longest reorder hold")
+    p.add_argument("--probe-seconds", type=float, default=4.0, help="media seconds per step")
+    p.add_argument("--probe-max", type=int, default=48, help="most conferences probed")
+    p.add_argument("--seed", type=int, default=None, help="seed of the injected faults")
+    p.add_argument("--log", metavar="FILE", help="keep the relay's log here")
     p.set_defaults(func=_soak)
 
     p = sub.add_parser("bench", help="measure the forwarders against the floor and libsrtp")

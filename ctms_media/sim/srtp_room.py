@@ -57,6 +57,12 @@ def libsrtp_session(
     return pylibsrtp.Session(policy)
 
 
+# pylibsrtp has no ROC setter, so a room walks a fresh session up to a key's ROC with dummy
+# packets (about 2.3 per rollover). Rooms here start near ROC 0; a trailer naming a ROC far
+# beyond this is refused (a decrypt failure) rather than walked for hours.
+MAX_WALK_ROC = 4096
+
+
 def walk_indices(target: int) -> list[int]:
     """Indices below ``target``, each within 2^15 of the last, that lead libsrtp's index
     estimate from 0 up to ``target``'s ROC without touching ``target`` itself."""
@@ -277,6 +283,8 @@ class EktReceiver:
             key, roc = pt.key, pt.roc
         have = self.sessions.get(ssrc)
         if have is None or have[0] != key:
+            if roc > MAX_WALK_ROC:  # an unauthenticated SRTCP trailer may name any ROC
+                raise ValueError(f"ROC {roc} is past what a simulated room walks to")
             s = libsrtp_session(key, g.salt, g.profile, False)
             tx = libsrtp_session(key, g.salt, g.profile, True)
             for dummy in walk_indices((roc << 16) | seq):

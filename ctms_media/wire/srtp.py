@@ -136,7 +136,13 @@ class ReplayWindow:
     def accept(self, index: int) -> None:
         if index > self.highest:
             shift = index - self.highest if self.highest >= 0 else self.size
-            self.bits = ((self.bits << shift) | 1) & ((1 << self.size) - 1)
+            if shift >= self.size:
+                # A jump past the window forgets it. Never shift by the jump itself: an
+                # authenticated index may lie up to 2^48 ahead (a sender's own long trailer
+                # names any ROC), and ``bits << 2**48`` is a MemoryError (found by fuzzing).
+                self.bits = 1
+            else:
+                self.bits = ((self.bits << shift) | 1) & ((1 << self.size) - 1)
             self.highest = index
         else:
             self.bits |= 1 << (self.highest - index)
