@@ -32,7 +32,7 @@ import ipaddress
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -43,9 +43,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from ctms_media.dtls.certificate import RelayCertificate
 from ctms_media.errors import CtmsError
 from ctms_media.sim.room_client import RoomClient, open_room
-from ctms_media.sim.srtp_room import SenderStream, sdes_packet
+from ctms_media.sim.srtp_room import EktReceiver, SenderStream, sdes_packet
 
 __all__ = [
+    "Address",
     "LoadError",
     "Metrics",
     "RunOptions",
@@ -73,6 +74,15 @@ DRAIN = 0.4  # after the last send: let the last packets land
 LEDGER_GENERATION = 5.0  # seconds a send time stays findable (two generations kept)
 LATENCY_SAMPLES = 200_000  # reservoir size: percentiles stay unbiased, memory bounded
 LOUD, SOFT, SILENT = 8, 50, 127  # -dBov of the floor holder, the previous one, everyone else
+
+
+Address = tuple[str, int]
+# Where a room sends instead of the relay port the API answered (``ctms-media soak`` puts an
+# ImpairedLink there); called once per room with the room and that port, before DTLS.
+RouteHook = Callable[["SimRoom", Address], Awaitable[Address]]
+# The receiver a room decrypts with, instead of the EktReceiver its first GSP would create
+# (the soak counts replays and packets that arrived before their key apart from failures).
+ReceiverFactory = Callable[[], EktReceiver]
 
 
 class LoadError(CtmsError):
@@ -268,6 +278,9 @@ class SimRoom:
         host = str(answer["host"])
         if host in ("", "0.0.0.0", "::"):  # a relay bound to every address: reach it as the API
             host = api_host
+        port = int(answer["port"])
+        if self.meeting.route is not None:
+            host, port = await self.meeting.route(self, (host, port))
         bind = "0.0.0.0"
         with contextlib.suppress(ValueError):
             ip = ipaddress.ip_address(host)
@@ -275,7 +288,7 @@ class SimRoom:
             bind = "::" if ip.version == 6 else bind
         self.client = RoomClient(
             self.id,
-            (host, int(answer["port"])),
+            (host, port),
             str(answer["fingerprint"]),
             self.certificate,
             profile=PROFILE,
@@ -283,6 +296,8 @@ class SimRoom:
             on_feedback=self._on_feedback,
             latency_from_payload=False,
         )
+        if self.meeting.receiver is not None:
+            self.client.receiver = self.meeting.receiver()  # its GSPs add their groups to it
         await open_room(self.client, bind)
         self.client.start_dtls()
 
@@ -452,8 +467,12 @@ class Meeting:
         rng: random.Random,
         new_ssrcs: Callable[[int], list[int]],
         offset: int = 0,
+        route: RouteHook | None = None,
+        receiver: ReceiverFactory | None = None,
     ) -> None:
         self.id = conf_id
+        self.route = route
+        self.receiver = receiver
         self.ledger = ledger
         self.rng = rng
         self.rooms = [
@@ -534,7 +553,9 @@ class RunOptions:
     rooms: int = 4
     seconds: float = 20.0
     prefix: str = "load"
-    mode: str = "load"  # "demo" or "load": only the report's label
+    mode: str = "load"  # "demo", "load" or "soak": only the report's label
+    route: RouteHook | None = None  # rooms reach the relay through this (the soak's links)
+    receiver: ReceiverFactory | None = None  # rooms decrypt with this (the soak's accounting)
 
 
 @dataclass
@@ -594,7 +615,16 @@ async def run_meetings(options: RunOptions, view: RunView | None = None) -> dict
         return out
 
     meetings = [
-        Meeting(f"{options.prefix}-{i + 1}", options.rooms, ledger, rng, new_ssrcs, offset=i)
+        Meeting(
+            f"{options.prefix}-{i + 1}",
+            options.rooms,
+            ledger,
+            rng,
+            new_ssrcs,
+            offset=i,
+            route=options.route,
+            receiver=options.receiver,
+        )
         for i in range(options.conferences)
     ]
     api_host = urlsplit(options.api).hostname or "127.0.0.1"
