@@ -17,6 +17,7 @@ def test_demo_json(capsys: pytest.CaptureFixture[str]) -> None:
     report = json.loads(out)  # exactly one JSON object, nothing else on stdout
     assert report["mode"] == "demo" and report["conferences"] == 1
     assert report["decrypt_failed"] == 0
+    assert report["decrypt_replayed"] == 0  # loopback duplicates nothing: neither may the relay
     assert report["forwarded"] > 0 and report["decrypt_ok"] == report["forwarded"]
     assert report["drops"] == {}
     assert report["switches"] >= 1

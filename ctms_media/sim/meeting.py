@@ -327,6 +327,7 @@ class SimRoom:
             r.ok if r is not None else 0,
             r.failed if r is not None else 0,
             c.sent,
+            r.replayed if r is not None else 0,
         )
         self.media_sent = 0
 
@@ -345,6 +346,12 @@ class SimRoom:
     def decrypt_failed(self) -> int:
         r = self.client.receiver if self.client else None
         return (r.failed if r is not None else 0) - self._base[2]
+
+    @property
+    def decrypt_replayed(self) -> int:
+        """Duplicates libsrtp refused: a network that duplicates makes them, never the relay."""
+        r = self.client.receiver if self.client else None
+        return (r.replayed if r is not None else 0) - self._base[4]
 
     @property
     def datagrams_sent(self) -> int:
@@ -723,6 +730,7 @@ def _report(
                 "received": r.received,
                 "decrypt_ok": r.decrypt_ok,
                 "decrypt_failed": r.decrypt_failed,
+                "decrypt_replayed": r.decrypt_replayed,
                 "idr_requests": r.feedback,
             }
     all_rooms = [r for m in meetings for r in m.rooms]
@@ -749,6 +757,7 @@ def _report(
         "drops": whole.drops(),
         "decrypt_ok": sum(r.decrypt_ok for r in all_rooms),
         "decrypt_failed": sum(r.decrypt_failed for r in all_rooms),
+        "decrypt_replayed": sum(r.decrypt_replayed for r in all_rooms),
         "switches": int(whole.switches),
         "switch_ms": {
             "p50": round(_percentile(sw, 0.5) / 1e6, 2),

@@ -263,6 +263,8 @@ class EktReceiver:
         self.sessions: dict[int, tuple[bytes, pylibsrtp.Session]] = {}  # ssrc -> key, session
         self.ok = 0
         self.failed = 0
+        self.replayed = 0
+        self.too_old = 0
 
     def _learn(self, packet: bytes, ssrc: int, seq: int) -> int:
         """Read the trailer, take a key it carries, return the trailer's length."""
@@ -293,18 +295,42 @@ class EktReceiver:
         return n
 
     def receive(self, packet: bytes, rtcp: bool = False) -> bytes | None:
-        """Decrypt a downlink packet; None (and a failure counted) if it does not."""
+        """Decrypt a downlink packet; None if it does not, counted as one of: ``replayed``
+        (libsrtp's replay check: a duplicate of a packet already decrypted, which a network
+        may make but the relay never forwards), ``too_old`` (behind libsrtp's window),
+        ``_missing_key`` (no key for its stream yet) or ``failed`` (everything else: a bad
+        tag, an unknown SPI, a trailer that does not unwrap, a malformed packet)."""
+        if not self.groups:  # no GSP yet: nothing can be decrypted
+            self.failed += 1
+            return None
         try:
             if rtcp:
-                ssrc = struct.unpack_from("!I", packet, 4)[0]
-                n = self._learn(packet, ssrc, 0)
-                plain = self.sessions[ssrc][1].unprotect_rtcp(packet[:-n])
+                ssrc, seq = struct.unpack_from("!I", packet, 4)[0], 0
             else:
                 ssrc, seq = struct.unpack_from("!I", packet, 8)[0], packet[2] << 8 | packet[3]
-                n = self._learn(packet, ssrc, seq)
-                plain = self.sessions[ssrc][1].unprotect(packet[:-n])
-        except (KeyError, IndexError, CtmsError, pylibsrtp.Error, ValueError):
+            n = self._learn(packet, ssrc, seq)
+            have = self.sessions.get(ssrc)
+            if have is None:
+                self._missing_key()
+                return None
+            session = have[1]
+            plain = session.unprotect_rtcp(packet[:-n]) if rtcp else session.unprotect(packet[:-n])
+        except pylibsrtp.Error as exc:
+            if "bad index" in str(exc):
+                self.replayed += 1
+            elif "too old" in str(exc):
+                self.too_old += 1
+            else:
+                self.failed += 1
+            return None
+        except (KeyError, IndexError, CtmsError, ValueError):
             self.failed += 1
             return None
         self.ok += 1
         return plain
+
+    def _missing_key(self) -> None:
+        """The oracle is strict: a stream whose key never came is how a missed upgrade
+        shows, so it is a failure (the soak, which loses key packets on purpose, counts it
+        apart)."""
+        self.failed += 1
