@@ -54,6 +54,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ctms_media.errors import CtmsError
+from ctms_media.server.config import RelayConfig
 from ctms_media.sim.impair import Faults, ImpairedLink, LinkCounters
 from ctms_media.sim.meeting import (
     Address,
@@ -109,12 +110,15 @@ class RelayProcess:
         self.port_max = self.port_min + PORT_SPAN - 1
         self.url = f"http://{LOCAL}:{self.api_port}"
         self.config = workdir / "relay.toml"
-        self.config.write_text(
-            f'[media]\nhost = "{LOCAL}"\nport_min = {self.port_min}\nport_max = {self.port_max}\n'
-            f'[api]\nhost = "{LOCAL}"\nport = {self.api_port}\n'
-            f"[dtls]\ncertificate = {json.dumps((workdir / 'relay.pem').as_posix())}\n"
-            '[log]\nlevel = "INFO"\n'
+        config = RelayConfig(
+            media_host=LOCAL,
+            port_min=self.port_min,
+            port_max=self.port_max,
+            api_host=LOCAL,
+            api_port=self.api_port,
+            certificate=(workdir / "relay.pem").as_posix(),
         )
+        self.config.write_text(config.to_toml())
         self.log_path = workdir / "relay.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.exit_code: int | None = None

@@ -24,6 +24,8 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from ctms_media.server.config import RelayConfig
+
 LOCAL = "127.0.0.1"
 
 
@@ -68,19 +70,23 @@ def plain_rtp(ssrc: int, seq: int, position: int = 2, payload: bytes = b"p" * 10
 class ServeProcess:
     """One ``ctms-media serve`` with its own TOML config, certificate and log file."""
 
-    def __init__(self, tmp: Path, workers: int = 1, ports: int = 20, extra: str = "") -> None:
+    def __init__(self, tmp: Path, workers: int = 1, ports: int = 20, **settings: Any) -> None:
         self.tmp = tmp
         self.workers = workers
         self.port_min, self.port_max = free_udp_range(ports)
         self.api_port = free_tcp_port()
         self.url = f"http://{LOCAL}:{self.api_port}"
         self.config = tmp / "relay.toml"
-        self.config.write_text(
-            f'[media]\nhost = "{LOCAL}"\nport_min = {self.port_min}\nport_max = {self.port_max}\n'
-            f'[api]\nhost = "{LOCAL}"\nport = {self.api_port}\n'
-            f'[dtls]\ncertificate = "{(tmp / "relay.pem").as_posix()}"\n'
-            '[log]\nlevel = "INFO"\n' + extra
+        config = RelayConfig(
+            media_host=LOCAL,
+            port_min=self.port_min,
+            port_max=self.port_max,
+            api_host=LOCAL,
+            api_port=self.api_port,
+            certificate=(tmp / "relay.pem").as_posix(),
+            **settings,
         )
+        self.config.write_text(config.to_toml())
         self.log_path = tmp / "serve.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -171,9 +177,9 @@ class ServeProcess:
 
 @contextlib.contextmanager
 def serving(
-    tmp: Path, workers: int = 1, ports: int = 20, extra: str = ""
+    tmp: Path, workers: int = 1, ports: int = 20, **settings: Any
 ) -> Iterator[ServeProcess]:
-    sp = ServeProcess(tmp, workers, ports, extra).start()
+    sp = ServeProcess(tmp, workers, ports, **settings).start()
     try:
         yield sp
     finally:

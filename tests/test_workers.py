@@ -98,7 +98,7 @@ def test_two_workers_place_route_and_forward(tmp_path: Path) -> None:
 
 def test_a_full_worker_passes_the_conference_on(tmp_path: Path) -> None:
     """``[limits] conferences`` holds per worker: placement skips a full one."""
-    with serving(tmp_path, workers=2, extra="[limits]\nconferences = 2\n") as sp:
+    with serving(tmp_path, workers=2, max_conferences=2) as sp:
         assert sp.conference("c1", security="non-secure")["worker"] == 0
         assert sp.conference("c2", security="non-secure")["worker"] == 1
         pair = PlainPair(sp, "c1", 100)  # worker 0 now has 2 endpoints

@@ -27,12 +27,30 @@ datagram_bytes = 2048     # larger datagrams are dropped as malformed, unread
 
 from __future__ import annotations
 
+import json
 import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from ctms_media.errors import ConfigError
+
+# Setting -> its (section, key) in the TOML file: read by ``from_mapping``, written by
+# ``to_toml``, so the file format lives in one place.
+TOML_KEYS: dict[str, tuple[str, str]] = {
+    "media_host": ("media", "host"),
+    "port_min": ("media", "port_min"),
+    "port_max": ("media", "port_max"),
+    "api_host": ("api", "host"),
+    "api_port": ("api", "port"),
+    "certificate": ("dtls", "certificate"),
+    "log_level": ("log", "level"),
+    "max_conferences": ("limits", "conferences"),
+    "max_endpoints_per_conference": ("limits", "endpoints_per_conference"),
+    "max_streams_per_endpoint": ("limits", "streams_per_endpoint"),
+    "max_streams_per_conference": ("limits", "streams_per_conference"),
+    "max_datagram": ("limits", "datagram_bytes"),
+}
 
 
 @dataclass(frozen=True)
@@ -85,20 +103,7 @@ class RelayConfig:
 
     @classmethod
     def from_mapping(cls, doc: dict[str, Any]) -> RelayConfig:
-        known = {
-            ("media", "host"): "media_host",
-            ("media", "port_min"): "port_min",
-            ("media", "port_max"): "port_max",
-            ("api", "host"): "api_host",
-            ("api", "port"): "api_port",
-            ("dtls", "certificate"): "certificate",
-            ("log", "level"): "log_level",
-            ("limits", "conferences"): "max_conferences",
-            ("limits", "endpoints_per_conference"): "max_endpoints_per_conference",
-            ("limits", "streams_per_endpoint"): "max_streams_per_endpoint",
-            ("limits", "streams_per_conference"): "max_streams_per_conference",
-            ("limits", "datagram_bytes"): "max_datagram",
-        }
+        known = {key: name for name, key in TOML_KEYS.items()}
         values: dict[str, Any] = {}
         for section, table in doc.items():
             if not isinstance(table, dict):
@@ -112,6 +117,14 @@ class RelayConfig:
                     raise ConfigError(f"config: {section}.{key} must be {want}")
                 values[name] = value
         return cls(**values)
+
+    def to_toml(self) -> str:
+        """The settings as a TOML file ``from_toml`` reads back (tools that start
+        ``ctms-media serve`` as a subprocess write their config with it)."""
+        sections: dict[str, list[str]] = {}
+        for name, (section, key) in TOML_KEYS.items():
+            sections.setdefault(section, []).append(f"{key} = {json.dumps(getattr(self, name))}")
+        return "".join(f"[{sec}]\n" + "\n".join(lines) + "\n" for sec, lines in sections.items())
 
     def to_json(self) -> dict[str, Any]:
         """The settings as JSON, to hand to a worker process (``serve --workers``)."""
