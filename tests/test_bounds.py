@@ -218,3 +218,17 @@ def test_datagram_limit(tmp_path: Path) -> None:
             room.close()
 
     run(scenario())
+
+
+def test_config_written_as_toml_reads_back_the_same(tmp_path: Path) -> None:
+    config = RelayConfig(
+        port_min=20000,
+        port_max=20010,
+        certificate=str(tmp_path / 'a "quoted" name.pem'),
+        max_conferences=2,
+        max_datagram=1500,
+        log_level="DEBUG",
+    )
+    path = tmp_path / "relay.toml"
+    path.write_text(config.to_toml())
+    assert RelayConfig.from_toml(path) == config
