@@ -110,6 +110,23 @@ def test_a_full_worker_passes_the_conference_on(tmp_path: Path) -> None:
         assert sp.request("GET", "/v1/conferences/c5")[0] == 404
 
 
+def test_any_id_one_process_accepts_routes_the_same_through_workers(tmp_path: Path) -> None:
+    """Ids with URL-significant characters reach the worker as the same id (raw path)."""
+    with serving(tmp_path, workers=2) as sp:
+        for cid, quoted in (("a?b", "a%3Fb"), ("x#y", "x%23y"), ("50%41", "50%2541")):
+            sp.conference(cid, security="non-secure")
+            status, doc = sp.request("GET", f"/v1/conferences/{quoted}")
+            assert status == 200 and doc["id"] == cid, (cid, doc)
+            assert sp.endpoint(quoted, "e1", 10)["port"]
+        sp.conference("50A", security="non-secure")
+        assert sp.request("DELETE", "/v1/conferences/50%2541")[0] == 204
+        assert sp.request("GET", "/v1/conferences/50A")[0] == 200  # not the one deleted
+        assert sp.request("GET", "/v1/conferences/50%2541")[0] == 404
+        # A bad body is 400 before the id is looked up, as in one process.
+        status, err = sp.request("POST", "/v1/conferences", {"id": "a?b", "security": "x"})
+        assert status == 400, err
+
+
 def test_dead_worker_is_logged_forgotten_and_replaced(tmp_path: Path) -> None:
     with serving(tmp_path, workers=2) as sp:
         c1 = sp.conference("c1", security="non-secure")

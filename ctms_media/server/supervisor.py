@@ -43,11 +43,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yarl
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from ctms_media.conference.model import ConferenceConfig
 from ctms_media.dtls.certificate import RelayCertificate
 from ctms_media.errors import ConfigError, CtmsError
 from ctms_media.server.api import MAX_BODY, json_errors
@@ -83,7 +85,12 @@ def split_ports(config: RelayConfig, workers: int) -> list[RelayConfig]:
 
 
 class WorkerUnavailable(Exception):
-    """The worker does not answer (it died, or is restarting)."""
+    """The worker does not answer (it died, or is restarting). ``sent``: the request may
+    have reached it (a timeout after connecting), so its effect is unknown."""
+
+    def __init__(self, worker_id: int, sent: bool = False) -> None:
+        super().__init__(worker_id)
+        self.sent = sent
 
 
 @dataclass(eq=False)
@@ -111,14 +118,17 @@ class Worker:
         if not self.running or self.http is None:
             raise WorkerUnavailable(self.id)
         headers = {"Content-Type": "application/json"} if body is not None else None
+        # ``path`` is raw (still percent-encoded): an id such as "a?b" or "50%41" must reach
+        # the worker as the same id, exactly as it would reach a single process.
+        url = yarl.URL("http://worker" + path, encoded=True)
         try:
-            async with self.http.request(
-                method, "http://worker" + path, data=body, headers=headers
-            ) as r:
+            async with self.http.request(method, url, data=body, headers=headers) as r:
                 data = await r.read()
                 return r.status, r.headers.get("Content-Type"), data
+        except (aiohttp.ClientConnectorError, ConnectionRefusedError, FileNotFoundError) as exc:
+            raise WorkerUnavailable(self.id) from exc  # never reached the worker
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise WorkerUnavailable(self.id) from exc
+            raise WorkerUnavailable(self.id, sent=True) from exc
 
     async def snapshot(self) -> StatsSnapshot:
         status, _, data = await self.call("GET", "/internal/stats")
@@ -352,9 +362,12 @@ class Supervisor:
             return _error(400, "body is not JSON")
         if not isinstance(body, dict):
             return _error(400, "body must be a JSON object")
-        cid = body.get("id")
+        try:  # the same answer as one process: a bad body is 400 before any 409
+            cid = ConferenceConfig.from_json(body).id
+        except ConfigError as exc:
+            return _error(400, str(exc))
         async with self.placement:
-            if isinstance(cid, str) and cid in self.where:
+            if cid in self.where:
                 return _error(409, f"conference {cid} exists")
             loads = await self._loads()
             if not loads:
@@ -362,16 +375,25 @@ class Supervisor:
             loads.sort(key=lambda ws: (ws[1].endpoints, ws[1].conferences, ws[0].id))
             answer = _error(503, "no worker is available")
             for w, _ in loads:  # the least loaded first; a full one ([limits]) passes it on
+                proc = w.proc
                 try:
                     status, ctype, data = await w.call("POST", "/v1/conferences", raw)
-                except WorkerUnavailable:
+                except WorkerUnavailable as exc:
                     answer = _error(503, f"worker {w.id} is not available")
-                    continue
+                    if not exc.sent:
+                        continue
+                    # It may have created the conference: remember it there (a later call
+                    # that the worker answers 404 forgets it) rather than create a twin
+                    # on another worker.
+                    self.where[cid] = w.id
+                    break
                 answer = self._relay(status, ctype, data, w.id)
                 if status == 201:
-                    placed = json.loads(data)["id"]
-                    self.where[placed] = w.id
-                    log.info("conference %s: placed on worker %d", placed, w.id)
+                    if w.running and w.proc is proc:  # not lost in a restart meanwhile
+                        self.where[cid] = w.id
+                        log.info("conference %s: placed on worker %d", cid, w.id)
+                    else:
+                        answer = _error(503, f"worker {w.id} is not available")
                 if status != 503:
                     break
         return answer
@@ -401,11 +423,12 @@ class Supervisor:
         w = self.workers[wid]
         body = await request.read() if request.can_read_body else None
         try:
-            status, ctype, data = await w.call(request.method, request.rel_url.path_qs, body)
+            status, ctype, data = await w.call(request.method, request.rel_url.raw_path_qs, body)
         except WorkerUnavailable:
             return _error(503, f"worker {w.id} is not available")
-        if request.method == "DELETE" and "eid" not in request.match_info and status == 204:
-            self.where.pop(cid, None)
+        whole = "eid" not in request.match_info and not request.path.endswith("/endpoints")
+        if whole and (status == 404 or (request.method == "DELETE" and status == 204)):
+            self.where.pop(cid, None)  # deleted, or the worker no longer has it
         return self._relay(status, ctype, data, w.id)
 
     async def list_workers(self, request: web.Request) -> web.Response:
