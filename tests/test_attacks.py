@@ -408,8 +408,9 @@ def test_client_hello_flood_keeps_no_state(tmp_path: Path) -> None:
 
 
 def test_stale_or_foreign_cookie_earns_only_a_new_hello_verify_request() -> None:
-    """Sans-IO: a cookie is bound to endpoint and address and lives as long as a handshake
-    may take; a late or moved one starts nothing."""
+    """Sans-IO: a cookie is bound to the server that issued it (one endpoint's port) and to
+    the address, and lives as long as a handshake may take; a late or moved one, or one
+    taken to another port (even of an endpoint with the same id), starts nothing."""
     relay_cert, client_cert = RelayCertificate.generate(), RelayCertificate.generate()
     addr = ("192.0.2.1", 5000)
 
@@ -432,13 +433,15 @@ def test_stale_or_foreign_cookie_earns_only_a_new_hello_verify_request() -> None
         ("stale", 10.0, addr, "room"),
         ("moved", 0.5, ("192.0.2.1", 5001), "room"),
         ("other endpoint", 0.5, addr, "other"),
+        ("same id, other port", 0.5, addr, "room (another conference)"),
     ):
         issuer = DtlsServer(relay_cert, client_cert.fingerprint(), "room", 100.0)
         hello2 = second_hello(issuer, 100.0)
+        endpoint_id = endpoint.split(" ")[0]
         target = (
             issuer
             if endpoint == "room"
-            else DtlsServer(relay_cert, client_cert.fingerprint(), endpoint, 100.0)
+            else DtlsServer(relay_cert, client_cert.fingerprint(), endpoint_id, 100.0)
         )
         replies = [d for h in hello2 for d in target.receive(h, 100.0 + late, where)]
         assert replies and replies[0][13] == 3, label  # HelloVerifyRequest again

@@ -70,6 +70,9 @@ def test_defaults_and_toml(tmp_path: Path) -> None:
         {"limits": {"datagram_bytes": 1199}},
         {"limits": {"datagram_bytes": 65536}},
         {"limits": {"sessions": 3}},
+        {"log": {"level": 1.5}},
+        {"media": {"host": ["a"]}},
+        {"api": {"port": "8080"}},
     ):
         with pytest.raises(ConfigError):
             RelayConfig.from_mapping(bad)

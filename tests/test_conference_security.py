@@ -248,6 +248,47 @@ def test_rekey_gsp_follows_the_same_timeout():
     assert sim.conf.endpoint_ids() == ["B"]
 
 
+def test_rekeys_do_not_restart_the_clock_of_a_room_that_never_acks():
+    """A leave every few seconds must not keep a silent room alive: its SPIMAP clock runs
+    from the first GSP it left unanswered."""
+    sim = secure_sim()
+    sim.join(endpoint("A", 100))
+    sim.join(endpoint("S", 900), active=False)
+    sim.conf.endpoint_handshake_done("S", sim.now)  # DTLS done, then never an ACK
+    sim.drain()
+    base = 200
+    for _ in range(3):  # a room joins and leaves every 2 s: a rekey each time
+        sim.join(endpoint(f"R{base}", base))
+        sim.idle(1.0)
+        sim.conf.remove_endpoint(f"R{base}", sim.now)
+        sim.drain()
+        sim.idle(1.0)
+        base += 100
+        if "S" not in sim.conf.endpoint_ids():
+            break
+    removed = [t for t, a in sim.actions if a == RemoveEndpoint("S", "spimap-timeout")]
+    assert removed and removed[0] <= 5.1  # 5 s after its first GSP, not after the last
+
+
+def test_a_live_group_spi_is_never_handed_out_again(monkeypatch):
+    """SPIs are remembered for SPI_MEMORY rekeys, and a group some room still uses is
+    avoided however long ago it was made."""
+    monkeypatch.setattr("ctms_media.conference.policy.SPI_MEMORY", 1)
+    sim = secure_sim()
+    sim.join(endpoint("A", 100))
+    sim.join(endpoint("B", 200))
+    old = sim.conf.current_group.spi
+    sim.conf.remove_endpoint("B", sim.now)  # rekey; A never moves to the new SPI's
+    sim.drain()
+    for i in range(3):  # more rekeys than the memory holds
+        sim.join(endpoint(f"R{i}", 300 + 100 * i))
+        sim.conf.remove_endpoint(f"R{i}", sim.now)
+        sim.drain()
+    assert old in {g.spi for g in sim.conf.groups()}  # A still sends under it
+    assert old not in sim.conf._used_spis  # forgotten by the memory...
+    assert old in sim.conf._spis_in_use()  # ...but still never drawn again
+
+
 def test_rekey_done_counts_as_the_ack():
     sim = secure_sim()
     for eid, base in (("A", 100), ("B", 200)):

@@ -541,12 +541,17 @@ class Conference:
                 self.config.cipher,
                 profile,
                 salt=self._salt,
-                avoid_spis=self._used_spis,
+                avoid_spis=self._spis_in_use(),
             )
             self._salt = group.salt  # one master salt for the conference's life
             self._adopt(group)
         assert self._current is not None
         return self._current
+
+    def _spis_in_use(self) -> set[int]:
+        """SPIs a new group must not take: the recently used ones and every live group (a
+        room that never sends REKEY-DONE keeps an old group alive past any memory)."""
+        return set(self._used_spis) | set(self._groups)
 
     def _adopt(self, group: EktGroupSpec) -> None:
         self._current = group
@@ -556,7 +561,10 @@ class Conference:
             del self._used_spis[next(iter(self._used_spis))]
 
     def _send_gsp(self, ep: _Endpoint, group: EktGroupSpec, now: float) -> None:
-        ep.gsp = _GspTimer(group, now, now + GSP_RESEND)
+        # A rekey while a room still owes an ACK keeps its SPIMAP clock: otherwise a leave
+        # every few seconds would keep a room that never answers alive forever.
+        first = ep.gsp.first if ep.gsp is not None else now
+        ep.gsp = _GspTimer(group, first, now + GSP_RESEND)
         ep.keyed = True
         self._distributed_spi = group.spi
         self._actions.append(SendGsp(ep.id, group))
@@ -571,7 +579,7 @@ class Conference:
             self.config.cipher,
             old.profile,
             salt=old.salt,
-            avoid_spis=self._used_spis,
+            avoid_spis=self._spis_in_use(),
         )
         self._adopt(group)
         self.rekeys += 1

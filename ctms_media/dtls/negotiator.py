@@ -189,13 +189,16 @@ class _CookieContext:
     addr: Hashable | None
     now: float
     lifetime: float
+    server_nonce: bytes = b""
     issued_at: float | None = None
 
 
 def _cookie_mac(ctx: _CookieContext, stamp: bytes) -> bytes:
-    # Binding the endpoint id keeps a cookie earned on one endpoint's port from opening
-    # another's; binding the address keeps it from being replayed from elsewhere.
-    msg = repr((ctx.endpoint_id, ctx.addr)).encode() + stamp
+    # Binding the server's own nonce (and the endpoint id, for the logs' sake) keeps a cookie
+    # earned on one endpoint's port from opening another's, even one with the same endpoint
+    # id in another conference; binding the address keeps it from being replayed from
+    # elsewhere.
+    msg = ctx.server_nonce + repr((ctx.endpoint_id, ctx.addr)).encode() + stamp
     return hmac.new(_COOKIE_SECRET, msg, hashlib.sha256).digest()[:_COOKIE_MAC_LENGTH]
 
 
@@ -255,6 +258,7 @@ class DtlsServer:
         if not profiles or any(p not in PROFILES for p in profiles):
             raise ConfigError("profiles must be a non-empty subset of wire.md §2")
         self.endpoint_id = endpoint_id
+        self._nonce = os.urandom(16)  # this server's cookies are good on this server only
         self.expected_fingerprint = expected_fingerprint
         self.created_at = now
         self.handshake_timeout = handshake_timeout
@@ -319,7 +323,9 @@ class DtlsServer:
 
     def _new_connection(self, addr: Hashable | None, now: float) -> SSL.Connection:
         conn = SSL.Connection(self._ctx, None)
-        conn.set_app_data(_CookieContext(self.endpoint_id, addr, now, self.handshake_timeout))
+        conn.set_app_data(
+            _CookieContext(self.endpoint_id, addr, now, self.handshake_timeout, self._nonce)
+        )
         # The ciphertext MTU is the UDP payload size. With OP_NO_QUERY_MTU (a memory BIO cannot
         # answer the query) OpenSSL fragments handshake messages to fit it, so every record
         # fits one of our datagrams.

@@ -113,7 +113,8 @@ class RelayConfig:
                 if name is None:
                     raise ConfigError(f"config: unknown key {section}.{key}")
                 want = {f.name: f.type for f in fields(cls)}[name]
-                if (want == "int") != isinstance(value, int) or isinstance(value, bool):
+                kind = int if want == "int" else str
+                if not isinstance(value, kind) or isinstance(value, bool):
                     raise ConfigError(f"config: {section}.{key} must be {want}")
                 values[name] = value
         return cls(**values)
