@@ -235,3 +235,24 @@ def test_config_written_as_toml_reads_back_the_same(tmp_path: Path) -> None:
     path = tmp_path / "relay.toml"
     path.write_text(config.to_toml())
     assert RelayConfig.from_toml(path) == config
+
+
+def test_an_unexpected_error_still_answers_json(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug behind a call answers 500 {"error": ...} and leaves a traceback in the log."""
+
+    async def scenario() -> None:
+        async with running_relay(tmp_path) as h:
+            await h.conference("c1", security="non-secure")
+
+            def broken(conf_id: str) -> dict:
+                raise RuntimeError("injected fault")
+
+            monkeypatch.setattr(h.relay, "snapshot", broken)
+            with caplog.at_level(logging.ERROR):
+                status, body = await h.get("/v1/conferences/c1")
+            assert status == 500 and body == {"error": "internal error"}
+            assert any("injected fault" in (r.exc_text or "") for r in caplog.records)
+
+    run(scenario())

@@ -140,6 +140,9 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
         if exc.content_type == "application/json":
             raise
         return _error(exc.status, exc.reason or "error")
+    except Exception:  # a bug must still answer in the contract's shape, and be logged
+        log.exception("%s %s failed", request.method, request.path)
+        return _error(500, "internal error")
 
 
 def make_app(relay: Relay, *, internal: bool = False) -> web.Application:
