@@ -5,8 +5,13 @@ A datagram costs about as much in system calls as the forwarder spends on it, so
 moves datagrams in batches: one recvmmsg fills rows of a numpy arena (the same arena
 ``FastForwarder.forward_batch`` reads), and one sendmmsg sends every (output, receiver) pair
 of a forwarded batch straight out of the forwarder's output arena, receivers of one variant
-pointing at the same bytes. Nothing here allocates per datagram. ``BatchedDatagramReader``
+pointing at the same bytes; that path allocates nothing per datagram. ``BatchedDatagramReader``
 hooks a socket into asyncio: its reader callback drains the socket batch by batch.
+
+The server's endpoint ports, which still hand every datagram to Python, use the same calls
+through ``DatagramReceiver`` (one recvmmsg, then a bytes object and an address tuple per
+datagram, as asyncio would give them) and ``send_datagrams`` (one receiver's queued bytes
+objects in one sendmmsg, GSO runs included).
 
 Addresses are raw sockaddr bytes (``pack_address``) kept in fixed ``ADDR_SIZE`` rows, so a
 receiver slot indexes an address table without Python objects.
@@ -20,7 +25,9 @@ import numpy as np
 
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memcpy, memset
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.list cimport PyList_GET_ITEM
+from libc.string cimport memcmp, memcpy, memset
 
 from sockets cimport (
     AF_INET,
@@ -124,7 +131,9 @@ def recv_batch(int fd, uint8_t[:, ::1] arena, int32_t[::1] lengths,
 
 cdef Py_ssize_t _recv(int fd, uint8_t[:, ::1] arena, int32_t[::1] lengths,
                       uint8_t[:, ::1] addrs, int32_t[::1] addrlens,
-                      Py_ssize_t max_count, bint use_mmsg) except -1:
+                      Py_ssize_t max_count, bint use_mmsg, bint real_length=False) except -1:
+    # real_length: lengths[i] is the datagram's own size even when it exceeds a row (the
+    # row then holds only its start); otherwise such a datagram reads as length 0.
     cdef Py_ssize_t count = arena.shape[0]
     cdef Py_ssize_t slot = arena.shape[1]
     cdef Py_ssize_t total = 0, chunk, i
@@ -156,7 +165,8 @@ cdef Py_ssize_t _recv(int fd, uint8_t[:, ::1] arena, int32_t[::1] lengths,
                     if want_addr:
                         msgs[i].msg_hdr.msg_name = &addrs[total + i, 0]
                         msgs[i].msg_hdr.msg_namelen = C_ADDR_SIZE
-                got = recvmmsg(fd, msgs, <unsigned int>chunk, MSG_DONTWAIT, NULL)
+                got = recvmmsg(fd, msgs, <unsigned int>chunk,
+                               MSG_DONTWAIT | (MSG_TRUNC if real_length else 0), NULL)
                 if got < 0:
                     if errno == EINTR:
                         continue
@@ -166,7 +176,7 @@ cdef Py_ssize_t _recv(int fd, uint8_t[:, ::1] arena, int32_t[::1] lengths,
                 for i in range(got):
                     # A datagram longer than a row is never cut and processed: length 0
                     # makes it `malformed`, as the server drops an oversize datagram.
-                    if msgs[i].msg_hdr.msg_flags & MSG_TRUNC:
+                    if msgs[i].msg_hdr.msg_flags & MSG_TRUNC and not real_length:
                         lengths[total + i] = 0
                     else:
                         lengths[total + i] = msgs[i].msg_len
@@ -188,7 +198,8 @@ cdef Py_ssize_t _recv(int fd, uint8_t[:, ::1] arena, int32_t[::1] lengths,
                     if not _again(errno):
                         err = errno
                     break
-                lengths[total] = <int32_t>r if r <= slot else 0  # MSG_TRUNC: real size
+                # MSG_TRUNC: r is the real size
+                lengths[total] = <int32_t>r if r <= slot or real_length else 0
                 if want_addr:
                     addrlens[total] = alen
                 total += 1
@@ -520,3 +531,201 @@ class BatchedDatagramReader:
                 )
             if n < capacity:
                 return
+
+
+# -- the server's endpoint ports: whole datagrams as Python objects, batched system calls --
+
+cdef extern from "<arpa/inet.h>" nogil:
+    unsigned int ntohl(unsigned int v)
+
+cdef enum:
+    GSO_MAX_SEG = 1452  # largest datagram sent as a GSO segment: fits a 1500-byte IPv6 MTU
+
+
+cdef object _address_tuple(const uint8_t *raw, socklen_t n):
+    """The address tuple ``socket.recvfrom`` gives for this sockaddr (CPython's makesockaddr:
+    (host, port) for IPv4, (host, port, flowinfo, scope_id) for IPv6), so a batch-read
+    datagram's source compares equal to the same source read by asyncio."""
+    cdef sockaddr_in a4
+    cdef sockaddr_in6 a6
+    cdef char text[64]
+    if n >= <socklen_t>sizeof(sockaddr_in6):
+        memcpy(&a6, raw, sizeof(a6))
+        if a6.sin6_family == AF_INET6:
+            inet_ntop(AF_INET6, &a6.sin6_addr, text, 64)
+            return (text.decode("ascii"), ntohs(a6.sin6_port), ntohl(a6.sin6_flowinfo),
+                    a6.sin6_scope_id)
+    if n >= <socklen_t>sizeof(sockaddr_in):
+        memcpy(&a4, raw, sizeof(a4))
+        if a4.sin_family == AF_INET:
+            inet_ntop(AF_INET, &a4.sin_addr, text, 64)
+            return (text.decode("ascii"), ntohs(a4.sin_port))
+    raise OSError(f"unexpected source address family in {n} bytes")
+
+
+cdef class DatagramReceiver:
+    """recvmmsg for the relay's endpoint ports: one call reads up to ``capacity`` waiting
+    datagrams of one socket and hands them out as the (data, address) pairs the asyncio
+    protocol would have been given one callback each.
+
+    One receiver (one arena) serves every port of a relay: a batch is turned into Python
+    objects before any of it is processed, so the rows are free again by then. A datagram
+    longer than a row is not cut: its pair carries its size (an ``int``) instead of bytes, so
+    the caller can drop it as oversize exactly as it drops an oversize ``bytes``; rows as
+    long as the relay's datagram limit therefore lose nothing. Consecutive datagrams from
+    one source (the usual case: a room's own address) share one address tuple.
+    """
+
+    cdef readonly Py_ssize_t capacity
+    cdef readonly Py_ssize_t row
+    cdef uint8_t[:, ::1] arena
+    cdef int32_t[::1] lengths
+    cdef uint8_t[:, ::1] addrs
+    cdef int32_t[::1] addrlens
+    cdef bint mmsg
+    cdef bytes _last_raw
+    cdef object _last_addr
+
+    def __init__(self, Py_ssize_t capacity=64, Py_ssize_t row=2048, bint use_mmsg=True) -> None:
+        if capacity <= 0 or row <= 0:
+            raise ValueError("capacity and row must be positive")
+        self.capacity, self.row, self.mmsg = capacity, row, use_mmsg
+        self.arena = np.zeros((capacity, row), np.uint8)
+        self.lengths = np.zeros(capacity, np.int32)
+        self.addrs = np.zeros((capacity, C_ADDR_SIZE), np.uint8)
+        self.addrlens = np.zeros(capacity, np.int32)
+        self._last_raw = b""
+        self._last_addr = None
+
+    def receive(self, int fd) -> list:
+        """The datagrams waiting on ``fd`` (at most ``capacity``), oldest first: a list of
+        (bytes, address), or (size, address) for one longer than a row. Empty when none is
+        waiting; OSError for a socket error before any datagram was read."""
+        cdef Py_ssize_t n = _recv(fd, self.arena, self.lengths, self.addrs, self.addrlens,
+                                  self.capacity, self.mmsg, True)
+        cdef Py_ssize_t i
+        cdef int32_t length
+        cdef socklen_t alen
+        cdef const uint8_t *raw
+        cdef list out = []
+        for i in range(n):
+            alen = <socklen_t>min(<int32_t>C_ADDR_SIZE, max(<int32_t>0, self.addrlens[i]))
+            raw = &self.addrs[i, 0]
+            if (<Py_ssize_t>alen != PyBytes_GET_SIZE(self._last_raw)
+                    or memcmp(raw, PyBytes_AS_STRING(self._last_raw), alen) != 0):
+                self._last_addr = _address_tuple(raw, alen)
+                self._last_raw = PyBytes_FromStringAndSize(<const char *>raw, alen)
+            length = self.lengths[i]
+            if length > self.row:
+                out.append((length, self._last_addr))
+            else:
+                out.append((PyBytes_FromStringAndSize(<const char *>&self.arena[i, 0], length),
+                            self._last_addr))
+        return out
+
+
+cdef Outbox _LIST_OUTBOX  # send_datagrams' messages; the GIL is held while it is in use
+
+
+def send_datagrams(int fd, list datagrams, Py_ssize_t start, const uint8_t[::1] address,
+                   bint gso=False, bint use_mmsg=True) -> tuple:
+    """Send ``datagrams[start:]`` (bytes objects, in order) from ``fd`` to ``address``
+    (sockaddr bytes, pack_address) with as few system calls as the kernel allows: one
+    sendmmsg for up to 256 messages, and with ``gso`` consecutive datagrams of one length
+    (a shorter one may end the run) as one UDP_SEGMENT message.
+
+    Stops at the first datagram the kernel refuses and returns (sent, errno, gso_failed):
+    ``sent`` datagrams from ``start`` left, ``errno`` is 0 or the refusal of the next one,
+    ``gso_failed`` says that refusal was of a message carrying several datagrams (a path or
+    device that cannot segment: send them again without ``gso``). The caller decides what a
+    refusal means (a full buffer, an unreachable peer), as asyncio's transport would."""
+    cdef Outbox *b = &_LIST_OUTBOX
+    cdef Py_ssize_t n = len(datagrams), i = start, m, done
+    cdef Py_ssize_t sent = 0
+    cdef int64_t length
+    cdef int got
+    cdef ssize_t r
+    cdef bint closed[CHUNK]
+    cdef const uint8_t *name = &address[0] if address.shape[0] else NULL
+    cdef socklen_t namelen = <socklen_t>address.shape[0]
+    cdef object item
+    cdef msghdr *h
+    cdef bint use_gso = gso and CTMS_HAVE_GSO
+    if start < 0:
+        raise ValueError("start must not be negative")
+    for m in range(start, n):
+        if type(datagrams[m]) is not bytes:
+            raise TypeError("send_datagrams sends bytes objects")
+    while i < n:
+        b.nmsg = b.niov = 0
+        while i < n and b.nmsg < CHUNK and b.niov < IOV_TOTAL:
+            item = <object>PyList_GET_ITEM(datagrams, i)
+            length = PyBytes_GET_SIZE(item)
+            m = b.nmsg - 1
+            if (use_gso and m >= 0 and not closed[m] and length <= b.seglen[m]
+                    and b.seglen[m] <= GSO_MAX_SEG and b.segs[m] < MAX_SEGS
+                    and b.bytes[m] + length <= GSO_BYTES):
+                b.iov[b.niov].iov_base = <void *>PyBytes_AS_STRING(item)
+                b.iov[b.niov].iov_len = length
+                b.niov += 1
+                b.segs[m] += 1
+                b.bytes[m] += length
+                b.msgs[m].msg_hdr.msg_iovlen += 1
+                if b.segs[m] == 2:
+                    ctms_set_gso(&b.msgs[m].msg_hdr, b.ctrl[m], <unsigned short>b.seglen[m])
+                closed[m] = length < b.seglen[m]  # only the last segment may be shorter
+            else:
+                m = b.nmsg
+                memset(&b.msgs[m], 0, sizeof(mmsghdr))
+                h = &b.msgs[m].msg_hdr
+                b.iov[b.niov].iov_base = <void *>PyBytes_AS_STRING(item)
+                b.iov[b.niov].iov_len = length
+                h.msg_iov = &b.iov[b.niov]
+                h.msg_iovlen = 1
+                h.msg_name = <void *>name
+                h.msg_namelen = namelen
+                b.niov += 1
+                b.segs[m] = 1
+                b.seglen[m] = length
+                b.bytes[m] = length
+                closed[m] = False
+                b.nmsg += 1
+            i += 1
+        done = 0
+        while done < b.nmsg:
+            if use_mmsg and CTMS_HAVE_MMSG:
+                got = sendmmsg(fd, b.msgs + done, <unsigned int>(b.nmsg - done), 0)
+            else:
+                r = sendmsg(fd, &b.msgs[done].msg_hdr, 0)
+                got = 1 if r >= 0 else -1
+            if got < 0:
+                if errno == EINTR:
+                    continue
+                return sent, errno, b.segs[done] > 1
+            for m in range(done, done + got):
+                sent += b.segs[m]
+            done += got
+    return sent, 0, False
+
+
+cdef extern from "<arpa/inet.h>" nogil:
+    unsigned int htonl(unsigned int v)
+
+
+def pack_sockaddr(address: tuple) -> bytes:
+    """The sockaddr bytes of an address tuple as ``socket.sendto`` takes it: (host, port),
+    or (host, port, flowinfo, scope_id) for IPv6; hosts are IP literals."""
+    cdef sockaddr_in6 a6
+    cdef bytes raw
+    if len(address) == 2:
+        return pack_address(address[0], address[1])
+    if len(address) != 4:
+        raise ValueError(f"not an address tuple: {address!r}")
+    host, port, flowinfo, scope_id = address
+    raw = pack_address(host, port)
+    if len(raw) != sizeof(sockaddr_in6):
+        raise ValueError(f"{host!r} is not an IPv6 address literal")
+    memcpy(&a6, <const char *>raw, sizeof(a6))
+    a6.sin6_flowinfo = htonl(<unsigned int>flowinfo)
+    a6.sin6_scope_id = <unsigned int>scope_id
+    return (<char *>&a6)[:sizeof(a6)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from pathlib import Path
 from typing import Any
 
@@ -254,5 +255,33 @@ def test_an_unexpected_error_still_answers_json(
                 status, body = await h.get("/v1/conferences/c1")
             assert status == 500 and body == {"error": "internal error"}
             assert any("injected fault" in (r.exc_text or "") for r in caplog.records)
+
+    run(scenario())
+
+
+def test_a_port_that_cannot_be_bound_leaves_nothing_behind(tmp_path: Path) -> None:
+    """An address the machine does not have: 503 in the contract's shape, no phantom
+    endpoint in the policy, and the same request works once a port can be bound."""
+
+    async def scenario() -> None:
+        async with running_relay(tmp_path, media_host="192.0.2.1") as h:
+            await h.conference("c1", security="non-secure")
+            body = endpoint("one", 100)
+            status, err = await h.post("/v1/conferences/c1/endpoints", body)
+            assert status == 503 and "cannot bind" in err["error"]
+            conf = h.relay.conferences["c1"]
+            assert conf.policy.endpoint_ids() == [] and not conf.endpoints
+            assert h.relay.ports.in_use == set()
+            status, err = await h.post("/v1/conferences/c1/endpoints", body)
+            assert status == 503  # the same answer again, not "already in conference"
+
+    run(scenario())
+
+
+def test_the_policy_draws_keys_from_the_system_csprng(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_relay(tmp_path) as h:
+            await h.conference("c1")
+            assert isinstance(h.relay.conferences["c1"].policy.rng, random.SystemRandom)
 
     run(scenario())

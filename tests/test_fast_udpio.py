@@ -16,9 +16,12 @@ from ctms_media._fastforward import FastForwarder
 from ctms_media._udpio import (
     ADDR_SIZE,
     BatchedDatagramReader,
+    DatagramReceiver,
     pack_address,
+    pack_sockaddr,
     recv_batch,
     send_batch,
+    send_datagrams,
     send_outputs,
     unpack_address,
 )
@@ -248,3 +251,93 @@ def test_gso_sends_equal_datagrams_to_one_receiver_as_segments(mmsg: bool) -> No
     assert drain(rx, len(datagrams), arena, lengths, mmsg) == datagrams
     tx.close()
     rx.close()
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+FAMILIES = pytest.mark.parametrize(
+    "family,host",
+    [
+        (socket.AF_INET, "127.0.0.1"),
+        pytest.param(
+            socket.AF_INET6,
+            "::1",
+            marks=pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback"),
+        ),
+    ],
+    ids=["ipv4", "ipv6"],
+)
+
+
+@MMSG
+@FAMILIES
+def test_datagram_receiver_hands_out_what_recvfrom_would(
+    mmsg: bool, family: int, host: str
+) -> None:
+    """Same bytes, same address tuple as socket.recvfrom (what asyncio hands a protocol);
+    a datagram longer than a row comes as its size, never cut; at most ``capacity``."""
+    a = socket.socket(family, socket.SOCK_DGRAM)
+    b = socket.socket(family, socket.SOCK_DGRAM)
+    c = socket.socket(family, socket.SOCK_DGRAM)
+    for s in (a, b, c):
+        s.bind((host, 0))
+    b.setblocking(False)
+    sent = [(a, b"one"), (a, bytes(1200)), (c, b"x" * 1201), (a, b""), (c, b"z" * 5000)]
+    sent += [(a, bytes([i]) * 50) for i in range(8)]
+    for src, data in sent:
+        src.sendto(data, b.getsockname())
+    wait_readable(b)
+    rx = DatagramReceiver(8, 1200, mmsg)
+    got = rx.receive(b.fileno())
+    assert len(got) == 8
+    got += rx.receive(b.fileno())
+    assert rx.receive(b.fileno()) == []
+    assert len(got) == len(sent)
+    for (src, data), (item, addr) in zip(sent, got, strict=True):
+        assert addr == src.getsockname()
+        assert item == (len(data) if len(data) > 1200 else data)
+    assert got[0][1] is got[1][1]  # one tuple for a run of one source
+    for s in (a, b, c):
+        s.close()
+
+
+@MMSG
+@pytest.mark.parametrize("gso", [False, True], ids=["plain", "gso"])
+def test_send_datagrams_keeps_order_and_content(mmsg: bool, gso: bool) -> None:
+    a, b = udp(), udp()
+    b.settimeout(2)
+    data = [bytes([i % 256]) * 100 for i in range(150)] + [b"short", b"L" * 1400, b"L" * 1400]
+    data += [b"huge" * 400]  # above a GSO segment: a message of its own
+    sent, err, gso_failed = send_datagrams(
+        a.fileno(), data, 5, pack_sockaddr(b.getsockname()), gso, mmsg
+    )
+    assert (sent, err, gso_failed) == (len(data) - 5, 0, False)
+    assert [b.recv(4096) for _ in range(len(data) - 5)] == data[5:]
+    a.close()
+    b.close()
+
+
+def test_send_datagrams_stops_at_the_first_refusal() -> None:
+    a = udp()
+    six = pack_sockaddr(("::1", 9, 0, 0))  # an IPv6 destination for an IPv4 socket
+    sent, err, gso_failed = send_datagrams(a.fileno(), [b"a", b"b"], 0, six, False)
+    assert sent == 0 and err != 0 and not gso_failed
+    with pytest.raises(TypeError):
+        send_datagrams(a.fileno(), [b"a", bytearray(b"b")], 0, six, False)
+    a.close()
+
+
+def test_pack_sockaddr_takes_both_tuple_shapes() -> None:
+    assert pack_sockaddr(("127.0.0.1", 5004)) == pack_address("127.0.0.1", 5004)
+    assert pack_sockaddr(("::1", 5004, 0, 0)) == pack_address("::1", 5004)
+    scoped = pack_sockaddr(("fe80::1", 5004, 7, 3))
+    assert scoped != pack_address("fe80::1", 5004) and len(scoped) == 28
+    with pytest.raises(ValueError):
+        pack_sockaddr(("127.0.0.1", 5004, 0, 0))

@@ -211,6 +211,8 @@ def test_best_effort_starting_non_secure_logs_it(
             with caplog.at_level(logging.INFO):
                 first = await h.join("s", "first", secure=False, ssrc_base=100)
             assert any("will start as non-secure" in r.getMessage() for r in caplog.records)
+            assert h.relay.conferences["s"].modes == (False, True)  # no grace: nothing was secure
+            assert not any("SRTP accepted" in r.getMessage() for r in caplog.records)
             second = await h.join("s", "second", ssrc_base=200)  # secure: told to downgrade
             await until(lambda: second.events.downgrades >= 1)
             assert second.events.gsps == []
@@ -224,3 +226,76 @@ def test_best_effort_starting_non_secure_logs_it(
                 r.close()
 
     run(scenario(), timeout=60)
+
+
+def test_the_downgrade_second_still_carries_srtp_between_formerly_secure_rooms(
+    tmp_path: Path,
+) -> None:
+    """wire.md §8: for 1 s after DOWNGRADE the relay still accepts SRTP from, and forwards it
+    to, the rooms that were secure (with the SPI they held), and nothing of it reaches the
+    non-secure room; then the groups go and only plain RTP is forwarded."""
+
+    async def scenario() -> None:
+        async with running_relay(tmp_path) as h:
+            await h.conference("g", security="best-effort")
+            rooms = await _secure_pair(h, "g")
+            senders = {
+                eid: [
+                    SenderStream(
+                        s["ssrc"],
+                        s["kind"],
+                        r.groups[r.events.gsps[-1].spi],
+                        os.urandom(16),
+                        position=s["position"],
+                    )
+                    for s in r.streams  # type: ignore[attr-defined]
+                ]
+                for eid, r in rooms.items()
+            }
+            for tick in range(20):  # secure: routes and keys settle
+                for eid, streams in senders.items():
+                    for s in streams:
+                        tail = _tail(s, eid == "one", tick)
+                        rooms[eid].send(s.rtp(os.urandom(30), tail, tick % 3 == 0)[0])
+                await asyncio.sleep(0.02)
+            conf = h.relay.conferences["g"]
+            spi = rooms["big"].events.gsps[-1].spi
+            rooms["plain"] = await h.join("g", "plain", secure=False, ssrc_base=300)
+            seen = _collect(rooms)
+            assert conf.forwarder.groups, "groups must stay for the grace second"
+            audio = next(s for s in senders["one"] if s.kind == "audio")
+            sent = []
+            for i in range(10):  # within the second: SRTP from "one", short and long trailers
+                packet, _ = audio.rtp(os.urandom(30), AudioTail(True, 3).encode(), i % 3 == 0)
+                rooms["one"].send(packet)
+                sent.append(packet)
+                await asyncio.sleep(0.02)
+            await until(lambda: len([d for d, _ in seen["big"] if d[8:12] == packet[8:12]]) >= 10)
+            got = [d for d, _ in seen["big"] if d[8:12] == packet[8:12]]
+            receiver = rooms["big"].receiver
+            assert receiver is not None and spi in receiver.groups
+            assert all(receiver.receive(d) is not None for d in got)  # SRTP that decrypts
+            assert not [d for d, _ in seen["plain"] if d[8:12] == packet[8:12]]
+            await asyncio.sleep(1.1)
+            assert not conf.forwarder.groups  # the second is over: keys gone
+            for r in rooms.values():
+                r.close()
+
+    run(scenario(), timeout=60)
+
+
+def test_a_non_secure_room_latched_by_rtcp_is_active_at_once(tmp_path: Path) -> None:
+    """wire.md §8: a non-secure room latches on its first RTP *or RTCP* packet."""
+
+    async def scenario() -> None:
+        async with running_relay(tmp_path) as h:
+            await h.conference("r", security="non-secure")
+            room = await h.join("r", "room", secure=False, ssrc_base=100)
+            rr = struct.pack("!BBHI", 0x80, 201, 1, 101)  # an empty receiver report
+            room.send(rr)
+            conf = h.relay.conferences["r"]
+            await until(lambda: conf.endpoints["room"].peer is not None)
+            assert conf.policy.endpoint_state("room") == "active"
+            room.close()
+
+    run(scenario(), timeout=30)

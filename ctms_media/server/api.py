@@ -98,6 +98,8 @@ async def add_endpoint(request: web.Request) -> web.Response:
         return _error(400, str(exc))
     except CtmsError as exc:  # ports exhausted and the like
         return _error(503, str(exc))
+    except KeyError:  # the conference was deleted while the endpoint's port was bound
+        return _error(404, f"no conference {cid}")
     return web.json_response(
         {
             "host": relay.config.media_host,

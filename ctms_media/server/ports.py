@@ -13,6 +13,10 @@ class PortsExhausted(CtmsError):
     """Every port of the configured range is in use."""
 
 
+class PortsUnavailable(CtmsError):
+    """A media port could not be bound for another reason (no descriptors, no address)."""
+
+
 class PortAllocator:
     """Hands out ports of [low, high], lowest free first, and takes them back on leave.
 

@@ -1,8 +1,9 @@
 """The relay process: conferences, their endpoints' UDP ports, DTLS, control and media.
 
-Everything that touches a socket or a timer is here; the decisions are made by sans-IO
-parts: :class:`~ctms_media.dtls.negotiator.DtlsServer` (handshakes), the conference policy
-(who is heard and seen, who holds which group key) and the forwarder (every media packet).
+Everything that touches a socket or a timer is here (the batched system calls of the
+endpoint ports in :mod:`ctms_media.server.udp`); the decisions are made by sans-IO parts:
+:class:`~ctms_media.dtls.negotiator.DtlsServer` (handshakes), the conference policy (who is
+heard and seen, who holds which group key) and the forwarder (every media packet).
 The packet path calls the policy never: it queues tail bytes, and a 20 ms tick hands them
 over in a batch and installs whatever routes the policy answers with.
 """
@@ -13,11 +14,13 @@ import asyncio
 import contextlib
 import logging
 import random
+import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ctms_media._udpio import DatagramReceiver
 from ctms_media.conference.actions import (
     GroupsChanged,
     RemoveEndpoint,
@@ -41,8 +44,9 @@ from ctms_media.dtls import (
 from ctms_media.errors import ConfigError, CtmsError, LimitReached, MalformedError
 from ctms_media.forward.verdict import Receiver
 from ctms_media.server.config import RelayConfig
-from ctms_media.server.ports import PortAllocator
+from ctms_media.server.ports import PortAllocator, PortsUnavailable
 from ctms_media.server.stats import LATENCY_SAMPLE_EVERY, RelayStats
+from ctms_media.server.udp import PortSocket
 from ctms_media.wire.control import (
     RTCP_PT_PSFB,
     Downgrade,
@@ -66,16 +70,52 @@ TICK = 0.02  # how often tail bytes reach the policy and routes are re-installed
 DOWNGRADE_REPEATS = 3
 DOWNGRADE_SPACING = 0.1
 DOWNGRADE_GRACE = 1.0  # SRTP still accepted this long after a DOWNGRADE (wire.md §8)
+READ_BATCH = 64  # datagrams read per wakeup of one port (one recvmmsg)
+_SSRC_AT = struct.Struct("!I").unpack_from  # no slice object per packet
+
+
+def _no_clock() -> float:
+    return 0.0  # activity time before start(): no loop yet
+
 
 Address = tuple[str, int]
 
 
 class EndpointPort(asyncio.DatagramProtocol):
-    """The relay's UDP port of one endpoint: hands every datagram to the relay."""
+    """The relay's UDP port of one endpoint: hands every datagram to the relay.
+
+    Reads in batches (:class:`~ctms_media.server.udp.PortSocket`): one wakeup reads up to
+    ``READ_BATCH`` waiting datagrams with one system call and :meth:`Relay.datagrams` takes
+    them one by one through :meth:`Relay.datagram`, exactly as the per-datagram callback
+    (``datagram_received``, still what asyncio calls where batching is unavailable) does.
+    """
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
         self.endpoint: EndpointSession | None = None
+        self.io: PortSocket | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.io = PortSocket(transport)  # type: ignore[arg-type]
+        self.io.start_reading(self._readable)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.io is not None:
+            self.io.stop_reading()
+
+    def _readable(self) -> None:
+        io = self.io
+        assert io is not None
+        if io.transport.is_closing():
+            io.stop_reading()
+            return
+        try:
+            batch = self.relay.receiver.receive(io.read_fd)
+        except OSError as exc:  # what asyncio's reader does with a socket error
+            self.error_received(exc)
+            return
+        if batch:
+            self.relay.datagrams(self, batch)
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
         ep = self.endpoint
@@ -108,6 +148,8 @@ class EndpointSession:
     control_ssrc: int | None = None
     last_activity: float = 0.0
     closed: bool = False
+    io: PortSocket | None = None  # batched sends; None: every output through the transport
+    outbox: list[bytes] = field(default_factory=list)  # outputs queued for peer (Relay._flush)
 
     def send(self, data: bytes) -> None:
         if self.peer is not None and not self.closed:
@@ -177,11 +219,21 @@ class Relay:
         self.rng = rng or random.SystemRandom()
         self._tick_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._clock: Callable[[], float] = _no_clock  # the loop's time once started
+        # Batched reads share one arena, its rows as long as the datagram limit, so an
+        # oversize datagram is known by its size without being read (EndpointPort).
+        self.receiver = DatagramReceiver(READ_BATCH, self.max_datagram)
+        # Outputs wait in their receiver's outbox until the batch (or the single datagram)
+        # is done, then leave per receiver in one system call (_flush).
+        self._batching = False
+        self._dirty: list[EndpointSession] = []  # receivers with a non-empty outbox
+        self._sampled: list[float] = []  # latency samples whose outputs are still queued
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._clock = self._loop.time
         self._tick_task = asyncio.create_task(self._ticker(), name="ctms-relay-tick")
 
     async def stop(self) -> None:
@@ -220,7 +272,13 @@ class Relay:
             error = LimitReached(f"conference limit reached ({limit})")
             raise self._refuse(f"conference {config.id}", error)
         fwd = self._forwarder_factory(config.ekt_format)
-        policy = Conference(config, self.now, rng=random.Random(self.rng.getrandbits(64)))
+        # KEKs and salts come from the policy's rng: the system's CSPRNG unless a test
+        # handed the relay a seeded one (a 64-bit-seeded Mersenne Twister would put every
+        # later KEK within a leaver's reach and defeat rekey on leave).
+        seeded = not isinstance(self.rng, random.SystemRandom)
+        policy = Conference(
+            config, self.now, rng=random.Random(self.rng.getrandbits(64)) if seeded else None
+        )
         conf = ConferenceSession(config.id, config, policy, fwd, self.rng.getrandbits(32) or 1)
         self._apply_security(conf)
         self.conferences[config.id] = conf
@@ -266,9 +324,15 @@ class Relay:
         conf.policy.add_endpoint(config, now)  # may raise SecurityMismatch
         try:
             transport, proto, port = await self.ports.bind(lambda: EndpointPort(self))
-        except CtmsError:
+        except (CtmsError, OSError) as exc:
             conf.policy.remove_endpoint(config.id, now, "no port")
-            raise
+            if isinstance(exc, CtmsError):
+                raise
+            raise PortsUnavailable(f"cannot bind a media port: {exc.strerror or exc}") from exc
+        if self.conferences.get(conf_id) is not conf:  # deleted while the port was bound
+            transport.close()
+            self.ports.release(port)
+            raise KeyError(conf_id)
         ep = EndpointSession(
             config.id,
             conf,
@@ -280,6 +344,7 @@ class Relay:
         )
         assert isinstance(proto, EndpointPort)
         proto.endpoint = ep
+        ep.io = proto.io
         conf.endpoints[config.id] = ep
         for s in config.streams:
             conf.forwarder.add_stream(s.ssrc, s.kind, profile_named(config.profile))
@@ -315,7 +380,11 @@ class Relay:
         for ssrc in ep.ssrcs:
             conf.forwarder.remove_stream(ssrc)
             conf.declared.discard(ssrc)
+        if ep.outbox:  # queued before it left: it goes out first, as it would have
+            self._flush()
         ep.transport.close()
+        if ep.io is not None:  # nothing more is read from a closed port
+            ep.io.stop_reading()
         self.ports.release(ep.port)
         self._install_routes(conf, force=True)
         log.info("conference %s: endpoint %s left, port %d released", conf.id, endpoint_id, ep.port)
@@ -381,47 +450,113 @@ class Relay:
                 n,
             )
 
+    def datagrams(self, port: EndpointPort, batch: list[tuple[bytes | int, Address]]) -> None:
+        """One wakeup's datagrams of one port (``DatagramReceiver.receive``), in arrival
+        order, each through :meth:`datagram` (or :meth:`oversize` for one known only by its
+        size); the outputs of all of them leave at the end, per receiver (:meth:`_flush`)."""
+        ep = port.endpoint
+        stats = self.stats
+        if ep is None or ep.closed:  # datagram_received's answer, for each of them
+            stats.received += len(batch)
+            stats.dropped["unknown_port"] += len(batch)
+            return
+        datagram = self.datagram  # looked up per batch: the fuzzer wraps it for a while
+        self._batching = True
+        try:
+            for data, addr in batch:
+                try:
+                    if data.__class__ is int:
+                        self.oversize(ep, data, addr)  # type: ignore[arg-type]
+                    else:
+                        datagram(ep, data, addr)  # type: ignore[arg-type]
+                except Exception as exc:  # reported and skipped, as asyncio does per callback
+                    (self._loop or asyncio.get_running_loop()).call_exception_handler(
+                        {"message": "Relay.datagram failed", "exception": exc, "protocol": port}
+                    )
+                if ep.closed:  # the port closed under this batch: asyncio would have read
+                    break  # no more of it, so the rest is not counted either
+        finally:
+            self._batching = False
+            if self._dirty:
+                self._flush()
+
     def datagram(self, ep: EndpointSession, data: bytes, addr: Address) -> None:
+        """Every datagram an endpoint port reads comes through here, one at a time: counted,
+        size-checked, then :meth:`_datagram`. Its outputs leave before this returns, unless it
+        is part of a batch (:meth:`datagrams`), whose outputs leave together at its end."""
         stats = self.stats
         stats.received += 1
         if len(data) > self.max_datagram:  # before anything parses it, DTLS included
             stats.bytes_in += len(data)
             self._drop(ep, "malformed", addr)
             return
-        if stats.received % LATENCY_SAMPLE_EVERY == 0:
-            t0 = time.perf_counter()
+        if stats.received % LATENCY_SAMPLE_EVERY:
             self._datagram(ep, data, addr)
-            stats.latency.observe(time.perf_counter() - t0)
-        else:
-            self._datagram(ep, data, addr)
+            if self._dirty and not self._batching:
+                self._flush()
+            return
+        forwarded = stats.forwarded
+        t0 = time.perf_counter()
+        self._datagram(ep, data, addr)
+        if not self._batching:
+            if self._dirty:
+                self._flush()
+        elif stats.forwarded != forwarded:
+            self._sampled.append(t0)  # receive-to-last-send: observed when its outputs leave
+            return
+        stats.latency.observe(time.perf_counter() - t0)
+
+    def oversize(self, ep: EndpointSession, size: int, addr: Address) -> None:
+        """A datagram above the limit that was read only as its size (a batch read's row
+        holds up to the limit): what :meth:`datagram` does with an oversize one."""
+        stats = self.stats
+        stats.received += 1
+        stats.bytes_in += size
+        self._drop(ep, "malformed", addr)
+
+    def _flush(self) -> None:
+        """Send every queued output, per receiver in queue order through that receiver's own
+        port, in as few system calls as the kernel takes (``PortSocket.send``); then close
+        the latency samples that waited for them."""
+        dirty, self._dirty = self._dirty, []
+        for r in dirty:
+            out, r.outbox = r.outbox, []
+            if r.io is not None:
+                r.io.send(out, r.peer)  # type: ignore[arg-type]
+            else:
+                for data in out:
+                    r.transport.sendto(data, r.peer)
+        if self._sampled:
+            now = time.perf_counter()
+            observe = self.stats.latency.observe
+            for t0 in self._sampled:
+                observe(now - t0)
+            self._sampled = []
 
     def _datagram(self, ep: EndpointSession, data: bytes, addr: Address) -> None:
         stats = self.stats
-        stats.bytes_in += len(data)
-        kind = classify(data)
-        if kind == "dtls":
-            if ep.driver is None or ep.dtls is None:
-                self._drop(ep, "dtls", addr)
+        size = len(data)
+        stats.bytes_in += size
+        # RFC 7983 demux, media first: the first byte 128-191 is what classify() calls RTP or
+        # RTCP (split as RFC 5761, by the second byte), the one case per packet; classify()
+        # sorts every other datagram.
+        b0 = data[0] if size else 0
+        if 128 <= b0 <= 191:
+            rtcp = size >= 2 and 192 <= data[1] <= 223
+        else:
+            self._other(ep, data, addr, classify(data))
+            return
+        peer = ep.peer
+        if peer is not None:
+            if addr != peer:
+                self._drop(ep, "address", addr)
                 return
-            before = ep.dtls.datagrams_ignored
-            ep.driver.datagram_received(data, addr)
-            if ep.dtls.datagrams_ignored != before:
-                self._drop(ep, "dtls", addr)
-            return
-        if kind == "stun":
-            self._drop(ep, "stun", addr)
-            return
-        if kind == "unknown":
-            self._drop(ep, "malformed", addr)
-            return
-        if ep.peer is not None and addr != ep.peer:
-            self._drop(ep, "address", addr)
-            return
-        if ep.peer is None and ep.config.secure and ep.conference.policy.secure:
+        elif ep.config.secure and ep.conference.policy.secure:
             self._drop(ep, "address", addr)  # secure rooms latch at the DTLS handshake only
             return
-        rtcp = kind == "rtcp"
         if rtcp and is_control_packet(data):
+            if self._dirty:  # what the control tick sends goes after the outputs
+                self._flush()
             self._control(ep, data, addr)
             return
         # Framing first (vectors.md: `malformed` wins over `unknown_ssrc`), then ownership,
@@ -435,7 +570,7 @@ class Relay:
         except MalformedError:
             self._drop(ep, "malformed", addr)
             return
-        ssrc = int.from_bytes(data[4:8] if rtcp else data[8:12], "big")
+        ssrc = _SSRC_AT(data, 4 if rtcp else 8)[0]
         if ssrc not in ep.ssrcs:
             self._drop(ep, "unknown_ssrc", addr)
             return
@@ -444,10 +579,11 @@ class Relay:
         if verdict.drop is not None:
             self._drop(ep, verdict.drop, addr)
             return
-        ep.last_activity = self._loop.time() if self._loop else 0.0
-        if ep.peer is None:
+        ep.last_activity = self._clock()
+        if peer is None:
             ep.peer = addr
             log.info("conference %s: endpoint %s: address latched at %s:%d", conf.id, ep.id, *addr)
+            conf.policy.endpoint_latched(ep.id, self._clock())  # RTP or RTCP (wire.md §8)
             self._install_routes(conf)
         if verdict.tail is not None:
             conf.tails.append((verdict.ssrc, verdict.tail))
@@ -457,13 +593,38 @@ class Relay:
             self._route_rtcp(conf, ep, data, verdict.ssrc)
             return
         endpoints = conf.endpoints
+        dirty = self._dirty
         for out, receivers in verdict.outputs:
+            length = len(out)
             for rid in receivers:
                 r = endpoints.get(rid)
                 if r is not None and r.peer is not None:
-                    r.transport.sendto(out, r.peer)
+                    box = r.outbox
+                    if not box:
+                        dirty.append(r)
+                    box.append(out)
                     stats.forwarded += 1
-                    stats.bytes_out += len(out)
+                    stats.bytes_out += length
+
+    def _other(self, ep: EndpointSession, data: bytes, addr: Address, kind: str) -> None:
+        """A datagram that is not RTP/RTCP: DTLS to the handshake, the rest dropped."""
+        if kind == "dtls":
+            if self._dirty:  # what DTLS sends (or a handshake's tick) goes after the outputs
+                self._flush()
+            if ep.driver is None or ep.dtls is None:
+                self._drop(ep, "dtls", addr)
+                return
+            before = ep.dtls.datagrams_ignored
+            ep.driver.datagram_received(data, addr)
+            if ep.dtls.datagrams_ignored != before:
+                self._drop(ep, "dtls", addr)
+            else:  # a room working through its handshake is not silent
+                ep.last_activity = self._clock()
+            return
+        if kind == "stun":
+            self._drop(ep, "stun", addr)
+            return
+        self._drop(ep, "malformed", addr)  # "unknown": no protocol of RFC 7983
 
     def _route_rtcp(
         self, conf: ConferenceSession, ep: EndpointSession, data: bytes, ssrc: int | None
@@ -489,10 +650,14 @@ class Relay:
                 if eid != ep.id and policy.endpoint_state(eid) == ACTIVE
             ]
         stats = self.stats
+        dirty = self._dirty
         for rid in targets:
             r = conf.endpoints.get(rid)
             if r is not None and r.peer is not None:
-                r.transport.sendto(data, r.peer)
+                box = r.outbox
+                if not box:
+                    dirty.append(r)
+                box.append(data)
                 stats.forwarded += 1
                 stats.bytes_out += len(data)
 
@@ -545,6 +710,9 @@ class Relay:
         self._install_routes(conf)
 
     def _actions(self, conf: ConferenceSession) -> None:
+        # Security first: a downgrade must start its grace second (and keep the groups)
+        # before the GroupsChanged that comes with it would remove them.
+        self._apply_security(conf)
         for action in conf.policy.pop_actions():
             ep = conf.endpoints.get(getattr(action, "endpoint_id", ""), None)
             if isinstance(action, GroupsChanged):
@@ -595,7 +763,7 @@ class Relay:
             if conf.modes != (True, False):
                 self._set_modes(conf, True, False)
         elif conf.modes == (True, False):
-            if not conf.endpoints:  # born non-secure: nothing in flight to wait for
+            if conf.policy.downgraded_at is None:  # born non-secure: nothing in flight
                 self._set_modes(conf, False, True)
                 return
             conf.grace_spi = dict(conf.installed_spi)
@@ -627,13 +795,25 @@ class Relay:
         if not force and version == conf.installed_version and latched == conf.installed_latched:
             return
         fwd = conf.forwarder
+        grace = conf.grace_spi
+        installed: dict[str, int] = {}
         for ssrc, receivers in conf.policy.routes().items():
             if ssrc not in fwd.streams:
                 continue
-            fwd.set_route(
-                ssrc,
-                [r for r in receivers if r.id in latched and (r.spi == 0 or r.spi in fwd.groups)],
-            )
+            chosen = []
+            for r in receivers:
+                if r.id not in latched:
+                    continue
+                if grace is not None and r.spi == 0 and grace.get(r.id):
+                    # The downgrade second: a formerly secure room still gets SRTP, under
+                    # the SPI it held (plain RTP reaches it whatever the SPI).
+                    r = Receiver(r.id, r.position, grace[r.id], r.gated)
+                if r.spi == 0 or r.spi in fwd.groups:
+                    chosen.append(r)
+                    if r.spi:
+                        installed[r.id] = r.spi
+            fwd.set_route(ssrc, chosen)
+        conf.installed_spi = installed
         conf.installed_version = version
         conf.installed_latched = latched
 
