@@ -17,6 +17,12 @@ from ctms_media.server.supervisor import split_ports
 from .serve_process import PlainPair, pid_alive, serving
 
 
+def test_restart_back_off_starts_at_one_second() -> None:
+    from ctms_media.server.supervisor import _backoff
+
+    assert [_backoff(n) for n in range(7)] == [1.0, 1.0, 2.0, 5.0, 10.0, 30.0, 30.0]
+
+
 def test_port_slices_are_disjoint_and_cover_the_range() -> None:
     cfg = RelayConfig(port_min=1000, port_max=1010)  # 11 ports
     slices = split_ports(cfg, 3)

@@ -62,6 +62,14 @@ READY_TIMEOUT = 20.0  # a worker imports the relay, binds its socket, says ready
 STOP_GRACE = 1.5  # SIGTERM -> SIGKILL for a worker that does not stop (the 2 s budget)
 CALL_TIMEOUT = 10.0  # one proxied admin call
 RESTART_BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)  # seconds before restart k (last repeats)
+
+
+def _backoff(failures: int) -> float:
+    """The wait before a restart after ``failures`` short lives in a row: 1 s for the first
+    death (or one after a stable run), then 2, 5, 10 and every 30 s."""
+    return RESTART_BACKOFF[min(max(failures - 1, 0), len(RESTART_BACKOFF) - 1)]
+
+
 STABLE_AFTER = 30.0  # a worker up this long resets the back-off
 
 
@@ -268,7 +276,7 @@ class Supervisor:
             w.last = None
         loop = asyncio.get_running_loop()
         w.failures = 0 if loop.time() - w.started_at >= STABLE_AFTER else w.failures + 1
-        delay = RESTART_BACKOFF[min(w.failures, len(RESTART_BACKOFF) - 1)]
+        delay = _backoff(w.failures)
         how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
         log.error(
             "worker %d (pid %d) %s; its %d conference(s) are gone: %s; restarting it in %.0f s",
@@ -287,13 +295,13 @@ class Supervisor:
         await asyncio.sleep(delay)
         if self.stopping:
             return
-        w.restarts += 1
         try:
             await self._spawn(w)
+            w.restarts += 1  # a worker running again, not an attempt
         except Exception as exc:  # counted as another short life: back off further
             log.error("worker %d: restart failed: %s", w.id, exc)
             w.failures += 1
-            delay = RESTART_BACKOFF[min(w.failures, len(RESTART_BACKOFF) - 1)]
+            delay = _backoff(w.failures)
             task = asyncio.create_task(self._restart(w, delay))
             self._restarts.add(task)
             task.add_done_callback(self._restarts.discard)
