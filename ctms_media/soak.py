@@ -110,14 +110,7 @@ class RelayProcess:
         self.port_max = self.port_min + PORT_SPAN - 1
         self.url = f"http://{LOCAL}:{self.api_port}"
         self.config = workdir / "relay.toml"
-        config = RelayConfig(
-            media_host=LOCAL,
-            port_min=self.port_min,
-            port_max=self.port_max,
-            api_host=LOCAL,
-            api_port=self.api_port,
-            certificate=(workdir / "relay.pem").as_posix(),
-        )
+        config = RelayConfig.on_loopback(workdir, self.port_min, self.port_max, self.api_port)
         self.config.write_text(config.to_toml())
         self.log_path = workdir / "relay.log"
         self.proc: subprocess.Popen[bytes] | None = None

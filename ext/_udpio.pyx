@@ -258,28 +258,24 @@ cdef void _flush(int fd, Outbox *b, bint use_mmsg) noexcept nogil:
     b.niov = 0
 
 
-cdef void _queue(int fd, Outbox *b, const uint8_t *data, int64_t length, int slot,
-                 const uint8_t *name, socklen_t namelen, bint use_mmsg,
-                 bint gso) noexcept nogil:
-    """Add one datagram: one more GSO segment of the previous message when it goes to the
-    same receiver with the same length, else a message of its own."""
-    cdef Py_ssize_t m = b.nmsg - 1
+cdef inline void _extend_message(Outbox *b, Py_ssize_t m, const void *data,
+                                 int64_t length, int seglen) noexcept nogil:
+    """One more GSO segment on message ``m`` (the control message is set at its second)."""
+    b.iov[b.niov].iov_base = <void *>data
+    b.iov[b.niov].iov_len = length
+    b.niov += 1
+    b.segs[m] += 1
+    b.bytes[m] += length
+    b.msgs[m].msg_hdr.msg_iovlen += 1
+    if b.segs[m] == 2:
+        ctms_set_gso(&b.msgs[m].msg_hdr, b.ctrl[m], <unsigned short>seglen)
+
+
+cdef inline Py_ssize_t _new_message(Outbox *b, const void *data, int64_t length,
+                                    const uint8_t *name, socklen_t namelen) noexcept nogil:
+    """A message of its own for one datagram; returns its index."""
+    cdef Py_ssize_t m = b.nmsg
     cdef msghdr *h
-    if (gso and m >= 0 and b.slot[m] == slot and b.seglen[m] == length
-            and b.segs[m] < MAX_SEGS and b.bytes[m] + length <= GSO_BYTES
-            and b.niov < IOV_TOTAL):
-        b.iov[b.niov].iov_base = <void *>data
-        b.iov[b.niov].iov_len = length
-        b.niov += 1
-        b.segs[m] += 1
-        b.bytes[m] += length
-        b.msgs[m].msg_hdr.msg_iovlen += 1
-        if b.segs[m] == 2:
-            ctms_set_gso(&b.msgs[m].msg_hdr, b.ctrl[m], <unsigned short>length)
-        return
-    if b.nmsg == CHUNK or b.niov == IOV_TOTAL:
-        _flush(fd, b, use_mmsg)
-    m = b.nmsg
     memset(&b.msgs[m], 0, sizeof(mmsghdr))
     h = &b.msgs[m].msg_hdr
     b.iov[b.niov].iov_base = <void *>data
@@ -290,10 +286,27 @@ cdef void _queue(int fd, Outbox *b, const uint8_t *data, int64_t length, int slo
     h.msg_namelen = namelen
     b.niov += 1
     b.segs[m] = 1
-    b.slot[m] = slot
     b.seglen[m] = length
     b.bytes[m] = length
     b.nmsg += 1
+    return m
+
+
+cdef void _queue(int fd, Outbox *b, const uint8_t *data, int64_t length, int slot,
+                 const uint8_t *name, socklen_t namelen, bint use_mmsg,
+                 bint gso) noexcept nogil:
+    """Add one datagram: one more GSO segment of the previous message when it goes to the
+    same receiver with the same length, else a message of its own."""
+    cdef Py_ssize_t m = b.nmsg - 1
+    if (gso and m >= 0 and b.slot[m] == slot and b.seglen[m] == length
+            and b.segs[m] < MAX_SEGS and b.bytes[m] + length <= GSO_BYTES
+            and b.niov < IOV_TOTAL):
+        _extend_message(b, m, data, length, <int>length)
+        return
+    if b.nmsg == CHUNK or b.niov == IOV_TOTAL:
+        _flush(fd, b, use_mmsg)
+    m = _new_message(b, data, length, name, namelen)
+    b.slot[m] = slot
 
 
 def gso_supported(sock) -> bool:
@@ -649,7 +662,6 @@ def send_datagrams(int fd, list datagrams, Py_ssize_t start, const uint8_t[::1] 
     cdef const uint8_t *name = &address[0] if address.shape[0] else NULL
     cdef socklen_t namelen = <socklen_t>address.shape[0]
     cdef object item
-    cdef msghdr *h
     cdef bint use_gso = gso and CTMS_HAVE_GSO
     if start < 0:
         raise ValueError("start must not be negative")
@@ -665,31 +677,11 @@ def send_datagrams(int fd, list datagrams, Py_ssize_t start, const uint8_t[::1] 
             if (use_gso and m >= 0 and not closed[m] and length <= b.seglen[m]
                     and b.seglen[m] <= GSO_MAX_SEG and b.segs[m] < MAX_SEGS
                     and b.bytes[m] + length <= GSO_BYTES):
-                b.iov[b.niov].iov_base = <void *>PyBytes_AS_STRING(item)
-                b.iov[b.niov].iov_len = length
-                b.niov += 1
-                b.segs[m] += 1
-                b.bytes[m] += length
-                b.msgs[m].msg_hdr.msg_iovlen += 1
-                if b.segs[m] == 2:
-                    ctms_set_gso(&b.msgs[m].msg_hdr, b.ctrl[m], <unsigned short>b.seglen[m])
+                _extend_message(b, m, PyBytes_AS_STRING(item), length, b.seglen[m])
                 closed[m] = length < b.seglen[m]  # only the last segment may be shorter
             else:
-                m = b.nmsg
-                memset(&b.msgs[m], 0, sizeof(mmsghdr))
-                h = &b.msgs[m].msg_hdr
-                b.iov[b.niov].iov_base = <void *>PyBytes_AS_STRING(item)
-                b.iov[b.niov].iov_len = length
-                h.msg_iov = &b.iov[b.niov]
-                h.msg_iovlen = 1
-                h.msg_name = <void *>name
-                h.msg_namelen = namelen
-                b.niov += 1
-                b.segs[m] = 1
-                b.seglen[m] = length
-                b.bytes[m] = length
+                m = _new_message(b, PyBytes_AS_STRING(item), length, name, namelen)
                 closed[m] = False
-                b.nmsg += 1
             i += 1
         done = 0
         while done < b.nmsg:

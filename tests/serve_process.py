@@ -77,14 +77,8 @@ class ServeProcess:
         self.api_port = free_tcp_port()
         self.url = f"http://{LOCAL}:{self.api_port}"
         self.config = tmp / "relay.toml"
-        config = RelayConfig(
-            media_host=LOCAL,
-            port_min=self.port_min,
-            port_max=self.port_max,
-            api_host=LOCAL,
-            api_port=self.api_port,
-            certificate=(tmp / "relay.pem").as_posix(),
-            **settings,
+        config = RelayConfig.on_loopback(
+            tmp, self.port_min, self.port_max, self.api_port, **settings
         )
         self.config.write_text(config.to_toml())
         self.log_path = tmp / "serve.log"

@@ -119,6 +119,22 @@ class RelayConfig:
                 values[name] = value
         return cls(**values)
 
+    @classmethod
+    def on_loopback(
+        cls, directory: Path, port_min: int, port_max: int, api_port: int, **settings: Any
+    ) -> RelayConfig:
+        """A relay on 127.0.0.1 with its certificate in ``directory``: what tools that run
+        ``ctms-media serve`` beside themselves (the soak, the tests) write with ``to_toml``."""
+        return cls(
+            media_host="127.0.0.1",
+            port_min=port_min,
+            port_max=port_max,
+            api_host="127.0.0.1",
+            api_port=api_port,
+            certificate=(Path(directory) / "relay.pem").as_posix(),
+            **settings,
+        )
+
     def to_toml(self) -> str:
         """The settings as a TOML file ``from_toml`` reads back (tools that start
         ``ctms-media serve`` as a subprocess write their config with it)."""

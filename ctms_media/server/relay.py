@@ -593,18 +593,21 @@ class Relay:
             self._route_rtcp(conf, ep, data, verdict.ssrc)
             return
         endpoints = conf.endpoints
-        dirty = self._dirty
         for out, receivers in verdict.outputs:
-            length = len(out)
-            for rid in receivers:
-                r = endpoints.get(rid)
-                if r is not None and r.peer is not None:
-                    box = r.outbox
-                    if not box:
-                        dirty.append(r)
-                    box.append(out)
-                    stats.forwarded += 1
-                    stats.bytes_out += length
+            self._queue(out, [endpoints.get(rid) for rid in receivers])
+
+    def _queue(self, data: bytes, receivers: Iterable[EndpointSession | None]) -> None:
+        """Queue ``data`` for each latched receiver; it leaves with the batch (_flush)."""
+        stats, dirty, n = self.stats, self._dirty, 0
+        for r in receivers:
+            if r is not None and r.peer is not None:
+                box = r.outbox
+                if not box:
+                    dirty.append(r)
+                box.append(data)
+                n += 1
+        stats.forwarded += n
+        stats.bytes_out += n * len(data)
 
     def _other(self, ep: EndpointSession, data: bytes, addr: Address, kind: str) -> None:
         """A datagram that is not RTP/RTCP: DTLS to the handshake, the rest dropped."""
@@ -649,17 +652,7 @@ class Relay:
                 for eid in conf.endpoints
                 if eid != ep.id and policy.endpoint_state(eid) == ACTIVE
             ]
-        stats = self.stats
-        dirty = self._dirty
-        for rid in targets:
-            r = conf.endpoints.get(rid)
-            if r is not None and r.peer is not None:
-                box = r.outbox
-                if not box:
-                    dirty.append(r)
-                box.append(data)
-                stats.forwarded += 1
-                stats.bytes_out += len(data)
+        self._queue(data, [conf.endpoints.get(rid) for rid in targets])
 
     def _control(self, ep: EndpointSession, data: bytes, addr: Address) -> None:
         if ep.hop is None:
