@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -860,6 +861,9 @@ def _checks_and_figures(
         "generator_cpu": own_cpu,
         "decrypt_ok": decrypt_ok,
         "decrypt_failed": decrypt_failed,
+        "decrypt_failure_reasons": dict(
+            sum((r.failure_reasons for r in recv), collections.Counter()).most_common(10)
+        ),
         "replays_rejected_by_rooms": replays,
         "too_old_at_rooms": too_old,
         "before_key_at_rooms": no_key,

@@ -86,7 +86,8 @@ def test_soak_60_seconds_passes_every_check(capsys: pytest.CaptureFixture[str]) 
     status = main(["soak", "--seconds", "60", "--conferences", "2", "--json", "--seed", "7"])
     captured = capsys.readouterr()
     report = json.loads(captured.out)  # exactly one JSON object on stdout
-    assert report["checks"] == {k: "pass" for k in report["checks"]}, captured.err
+    why = report.get("decrypt_failure_reasons"), report.get("drops_unexplained")
+    assert report["checks"] == {k: "pass" for k in report["checks"]}, (why, captured.err)
     assert status == 0
     assert set(report["checks"]) >= {
         "no_decrypt_failures",

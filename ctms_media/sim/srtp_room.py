@@ -8,6 +8,7 @@ must satisfy.
 
 from __future__ import annotations
 
+import collections
 import struct
 from dataclasses import dataclass, field
 
@@ -265,6 +266,8 @@ class EktReceiver:
         self.failed = 0
         self.replayed = 0
         self.too_old = 0
+        # Why packets failed, by exception: a failure should say what it was.
+        self.failure_reasons: collections.Counter[str] = collections.Counter()
 
     def _learn(self, packet: bytes, ssrc: int, seq: int) -> int:
         """Read the trailer, take a key it carries, return the trailer's length."""
@@ -301,7 +304,7 @@ class EktReceiver:
         ``_missing_key`` (no key for its stream yet) or ``failed`` (everything else: a bad
         tag, an unknown SPI, a trailer that does not unwrap, a malformed packet)."""
         if not self.groups:  # no GSP yet: nothing can be decrypted
-            self.failed += 1
+            self._fail("no group parameter set yet")
             return None
         try:
             if rtcp:
@@ -321,10 +324,10 @@ class EktReceiver:
             elif "too old" in str(exc):
                 self.too_old += 1
             else:
-                self.failed += 1
+                self._fail(f"libsrtp: {exc}")
             return None
-        except (KeyError, IndexError, CtmsError, ValueError):
-            self.failed += 1
+        except (KeyError, IndexError, CtmsError, ValueError) as exc:
+            self._fail(f"{type(exc).__name__}: {exc}")
             return None
         self.ok += 1
         return plain
@@ -333,4 +336,8 @@ class EktReceiver:
         """The oracle is strict: a stream whose key never came is how a missed upgrade
         shows, so it is a failure (the soak, which loses key packets on purpose, counts it
         apart)."""
+        self._fail("no key for its stream")
+
+    def _fail(self, reason: str) -> None:
         self.failed += 1
+        self.failure_reasons[reason[:120]] += 1
