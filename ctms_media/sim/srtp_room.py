@@ -262,6 +262,8 @@ class EktReceiver:
     def __init__(self, groups: dict[int, EktGroup]) -> None:
         self.groups = dict(groups)
         self.sessions: dict[int, tuple[bytes, pylibsrtp.Session]] = {}  # ssrc -> key, session
+        # New keys whose session has not seen RTP yet: ssrc -> (key, ROC it came with, group)
+        self._unanchored: dict[int, tuple[bytes, int, EktGroup]] = {}
         self.ok = 0
         self.failed = 0
         self.replayed = 0
@@ -269,12 +271,20 @@ class EktReceiver:
         # Why packets failed, by exception: a failure should say what it was.
         self.failure_reasons: collections.Counter[str] = collections.Counter()
 
-    def _learn(self, packet: bytes, ssrc: int, seq: int) -> int:
-        """Read the trailer, take a key it carries, return the trailer's length."""
+    def _learn(self, packet: bytes, ssrc: int, seq: int, rtcp: bool = False) -> int:
+        """Read the trailer, take a key it carries, return the trailer's length.
+
+        A key learnt from SRTCP does not say where the stream's RTP sequence numbers are
+        (its trailer has the ROC, not the current SEQ), so the session's RTP index is set
+        only at the stream's first RTP packet (:meth:`_anchor`): walking it to ``ROC << 16``
+        would make libsrtp guess the previous ROC for every SEQ in the upper half.
+        """
         g0 = next(iter(self.groups.values()))
         fmt = g0.ekt_format
         n = trailer_length(packet, fmt, {s: g.cipher for s, g in self.groups.items()})
         if n == 1:
+            if not rtcp:
+                self._anchor(ssrc, None, seq)
             return n
         raw = packet[-n:]
         if fmt == FORMAT_CTMS:
@@ -290,12 +300,23 @@ class EktReceiver:
         if have is None or have[0] != key:
             if roc > MAX_WALK_ROC:  # an unauthenticated SRTCP trailer may name any ROC
                 raise ValueError(f"ROC {roc} is past what a simulated room walks to")
-            s = libsrtp_session(key, g.salt, g.profile, False)
-            tx = libsrtp_session(key, g.salt, g.profile, True)
-            for dummy in walk_indices((roc << 16) | seq):
-                s.unprotect(tx.protect(_dummy_rtp(ssrc, dummy)))
-            self.sessions[ssrc] = (key, s)
+            self.sessions[ssrc] = (key, libsrtp_session(key, g.salt, g.profile, False))
+            self._unanchored[ssrc] = (key, roc, g)
+        if not rtcp:
+            self._anchor(ssrc, roc, seq)
         return n
+
+    def _anchor(self, ssrc: int, roc: int | None, seq: int) -> None:
+        """Bring a new key's session to this RTP packet's index (pylibsrtp has no ROC
+        setter); ``roc`` None: a short trailer, so the ROC the key came with."""
+        pending = self._unanchored.pop(ssrc, None)
+        if pending is None:
+            return
+        key, key_roc, g = pending
+        session = self.sessions[ssrc][1]
+        tx = libsrtp_session(key, g.salt, g.profile, True)
+        for dummy in walk_indices(((key_roc if roc is None else roc) << 16) | seq):
+            session.unprotect(tx.protect(_dummy_rtp(ssrc, dummy)))
 
     def receive(self, packet: bytes, rtcp: bool = False) -> bytes | None:
         """Decrypt a downlink packet; None if it does not, counted as one of: ``replayed``
@@ -311,7 +332,7 @@ class EktReceiver:
                 ssrc, seq = struct.unpack_from("!I", packet, 4)[0], 0
             else:
                 ssrc, seq = struct.unpack_from("!I", packet, 8)[0], packet[2] << 8 | packet[3]
-            n = self._learn(packet, ssrc, seq)
+            n = self._learn(packet, ssrc, seq, rtcp)
             have = self.sessions.get(ssrc)
             if have is None:
                 self._missing_key()
