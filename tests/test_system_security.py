@@ -128,6 +128,34 @@ def test_non_secure_conference_forwards_plain_rtp_with_the_same_switching(
     run(scenario(), timeout=60)
 
 
+def _srtp_senders(rooms: dict[str, RoomClient]) -> dict[str, list[SenderStream]]:
+    """libsrtp senders for every declared stream of keyed rooms, under their latest GSP."""
+    return {
+        eid: [
+            SenderStream(
+                s["ssrc"],
+                s["kind"],
+                r.groups[r.events.gsps[-1].spi],
+                os.urandom(16),
+                position=s["position"],
+            )
+            for s in r.streams  # type: ignore[attr-defined]
+        ]
+        for eid, r in rooms.items()
+    }
+
+
+async def _send_srtp(
+    rooms: dict[str, RoomClient], senders: dict[str, list[SenderStream]], loud: str, ticks: int
+) -> None:
+    for tick in range(ticks):
+        for eid, streams in senders.items():
+            for s in streams:
+                tail = _tail(s, eid == loud, tick)
+                rooms[eid].send(s.rtp(os.urandom(30), tail, tick % 3 == 0)[0])
+        await asyncio.sleep(0.02)
+
+
 async def _secure_pair(h: Harness, conf: str) -> dict[str, RoomClient]:
     rooms = {
         "big": await h.join(conf, "big", segments=3, ssrc_base=100),
@@ -148,27 +176,8 @@ def test_best_effort_downgrades_when_a_non_secure_room_joins(
             await h.conference("b", security="best-effort")
             rooms = await _secure_pair(h, "b")
             seen = _collect(rooms)
-            senders = {
-                eid: [
-                    SenderStream(
-                        s["ssrc"],
-                        s["kind"],
-                        r.groups[r.events.gsps[-1].spi],
-                        os.urandom(16),
-                        position=s["position"],
-                    )
-                    for s in r.streams  # type: ignore[attr-defined]
-                ]
-                for eid, r in rooms.items()
-            }
-            for tick in range(30):  # secure first: SRTP that decrypts
-                for eid, streams in senders.items():
-                    for s in streams:
-                        packet, _ = s.rtp(
-                            os.urandom(30), _tail(s, eid == "one", tick), tick % 3 == 0
-                        )
-                        rooms[eid].send(packet)
-                await asyncio.sleep(0.02)
+            senders = _srtp_senders(rooms)
+            await _send_srtp(rooms, senders, "one", 30)  # secure first: SRTP that decrypts
             await until(lambda: all(r.receiver and r.receiver.ok > 0 for r in rooms.values()))
             _, state = await h.get("/v1/conferences/b")
             assert state["security"] == "best-effort"  # reads "non-secure" once downgraded
@@ -239,25 +248,8 @@ def test_the_downgrade_second_still_carries_srtp_between_formerly_secure_rooms(
         async with running_relay(tmp_path) as h:
             await h.conference("g", security="best-effort")
             rooms = await _secure_pair(h, "g")
-            senders = {
-                eid: [
-                    SenderStream(
-                        s["ssrc"],
-                        s["kind"],
-                        r.groups[r.events.gsps[-1].spi],
-                        os.urandom(16),
-                        position=s["position"],
-                    )
-                    for s in r.streams  # type: ignore[attr-defined]
-                ]
-                for eid, r in rooms.items()
-            }
-            for tick in range(20):  # secure: routes and keys settle
-                for eid, streams in senders.items():
-                    for s in streams:
-                        tail = _tail(s, eid == "one", tick)
-                        rooms[eid].send(s.rtp(os.urandom(30), tail, tick % 3 == 0)[0])
-                await asyncio.sleep(0.02)
+            senders = _srtp_senders(rooms)
+            await _send_srtp(rooms, senders, "one", 20)  # secure: routes and keys settle
             conf = h.relay.conferences["g"]
             spi = rooms["big"].events.gsps[-1].spi
             rooms["plain"] = await h.join("g", "plain", secure=False, ssrc_base=300)
