@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -88,6 +89,25 @@ class Harness:
         if secure and start:
             room.start_dtls()
         return room
+
+    async def join_keyed(
+        self, conf_id: str, rooms: dict[str, tuple[int, int]]
+    ) -> dict[str, RoomClient]:
+        """Secure rooms (id -> (segments, SSRC base)) joined, DTLS done, GSP received and
+        every one of them ``active`` in the policy: the start of most meeting tests."""
+        joined = {
+            eid: await self.join(conf_id, eid, segments=segments, ssrc_base=base)
+            for eid, (segments, base) in rooms.items()
+        }
+        for r in joined.values():
+            await asyncio.wait_for(r.keyed.wait(), 10)
+        policy = self.relay.conferences[conf_id].policy
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 10
+        while not all(policy.endpoint_state(e) == "active" for e in joined):
+            assert loop.time() < end, "rooms not active within 10 s"
+            await asyncio.sleep(0.02)
+        return joined
 
 
 @contextlib.asynccontextmanager

@@ -13,22 +13,14 @@ from ctms_media.sim.srtp_room import SenderStream
 from ctms_media.wire.rtp import AudioTail, VideoTail
 
 from .server_harness import running_relay
-from .test_server import run, until
+from .test_server import run
 
 
 def test_three_rooms_secure_meeting(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_relay(tmp_path) as h:
             await h.conference("m", security="secure", switching="segment")
-            rooms = {
-                "big": await h.join("m", "big", segments=3, ssrc_base=100),
-                "one": await h.join("m", "one", ssrc_base=200),
-                "two": await h.join("m", "two", ssrc_base=300),
-            }
-            for r in rooms.values():
-                await asyncio.wait_for(r.keyed.wait(), 10)
-            conf = h.relay.conferences["m"]
-            await until(lambda: all(conf.policy.endpoint_state(e) == "active" for e in rooms))
+            rooms = await h.join_keyed("m", {"big": (3, 100), "one": (1, 200), "two": (1, 300)})
             sent: dict[tuple[int, int], bytes] = {}
             seen: dict[str, list[tuple[bytes, bytes | None]]] = {e: [] for e in rooms}
             for eid, r in rooms.items():

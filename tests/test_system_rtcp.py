@@ -28,15 +28,7 @@ def _nack(sender: int, media: int, pid: int) -> bytes:
 
 async def _meeting(h: Harness):
     await h.conference("m", security="secure", switching="segment")
-    rooms = {
-        "big": await h.join("m", "big", segments=3, ssrc_base=100),
-        "one": await h.join("m", "one", ssrc_base=200),
-        "two": await h.join("m", "two", ssrc_base=300),
-    }
-    for r in rooms.values():
-        await asyncio.wait_for(r.keyed.wait(), 10)
-    conf = h.relay.conferences["m"]
-    await until(lambda: all(conf.policy.endpoint_state(e) == "active" for e in rooms))
+    rooms = await h.join_keyed("m", {"big": (3, 100), "one": (1, 200), "two": (1, 300)})
     rtcp_in: dict[str, list[bytes | None]] = {e: [] for e in rooms}
     for eid, r in rooms.items():
 

@@ -157,15 +157,7 @@ async def _send_srtp(
 
 
 async def _secure_pair(h: Harness, conf: str) -> dict[str, RoomClient]:
-    rooms = {
-        "big": await h.join(conf, "big", segments=3, ssrc_base=100),
-        "one": await h.join(conf, "one", ssrc_base=200),
-    }
-    for r in rooms.values():
-        await asyncio.wait_for(r.keyed.wait(), 10)
-    c = h.relay.conferences[conf]
-    await until(lambda: all(c.policy.endpoint_state(e) == "active" for e in rooms))
-    return rooms
+    return await h.join_keyed(conf, {"big": (3, 100), "one": (1, 200)})
 
 
 def test_best_effort_downgrades_when_a_non_secure_room_joins(
