@@ -145,6 +145,7 @@ cdef struct Stream:
     int cur                         # index into keys, -1: none
     int prev
     Replay rtp_replay
+    int64_t roc                     # StreamState.roc: from the first verified long trailer; -1 none
     RouteEntry *route
     int nroute
     int ngated
@@ -511,10 +512,13 @@ cdef inline int ask_derive(Core *c, const uint8_t *master, int mlen, const Group
 
 
 cdef inline void commit_key(Core *c, Stream *s, const uint8_t *master, int mlen, int64_t start,
-                            int64_t epoch, const Derived *dv) noexcept nogil:
-    """StreamState.commit: the new key becomes current, current becomes previous."""
+                            int64_t epoch, int64_t roc, const Derived *dv) noexcept nogil:
+    """StreamState.commit: the new key becomes current, current becomes previous; the
+    first commit's ROC initializes the stream's."""
     cdef int slot = 1 if s.cur == 0 else 0
     cdef Key *k = &s.keys[slot]
+    if s.roc < 0:
+        s.roc = roc
     memcpy(k.master, master, mlen)
     k.mlen = mlen
     k.start = start
@@ -607,7 +611,7 @@ cdef inline int _pending(Core *c, int npend, int slot) noexcept nogil:
 cdef int srtp_rtp(Core *c, const uint8_t *d, int64_t n, Out *o, Res *r) noexcept nogil:
     cdef int hlen, st, tag_len, seq, kslot = -1, is_new = 0, nvar = 0, npend = 0, nmiss = 0
     cdef int i, j, v, tid, tl, pos, upgrade, isn16, total = 0
-    cdef int64_t auth_end, index, ref, start = 0, epoch, need, blen, length
+    cdef int64_t auth_end, index, start = 0, epoch, need, blen, length
     cdef uint32_t ssrc, roc32
     cdef int64_t roc
     cdef Stream *s
@@ -668,13 +672,14 @@ cdef int srtp_rtp(Core *c, const uint8_t *d, int64_t n, Out *o, Res *r) noexcept
                 return ask_derive(c, master, mlen, t.group)
             is_new = 1
     else:
+        # StreamState.rtp_index: estimated from the highest accepted index, or, before any
+        # RTP (a key from SRTCP), the stream's ROC from that trailer with this SEQ.
         if s.rtp_replay.highest >= 0:
-            ref = s.rtp_replay.highest
-        elif s.cur >= 0:
-            ref = s.keys[s.cur].start
+            index = estimate_index(s.rtp_replay.highest, seq)
+        elif s.roc >= 0:
+            index = (s.roc << 16) | seq
         else:
             return ST_NO_KEY
-        index = estimate_index(ref, seq)
         if index < 0:
             return ST_REPLAY
         kslot = key_for_index(s, index)
@@ -777,7 +782,7 @@ cdef int srtp_rtp(Core *c, const uint8_t *d, int64_t n, Out *o, Res *r) noexcept
 
     # Commit: the only writer.
     if is_new:
-        commit_key(c, s, master, mlen, start, t.epoch, dv)
+        commit_key(c, s, master, mlen, start, t.epoch, roc, dv)
         key = &s.keys[s.cur]
         master = key.master
     elif t.long_ and c.rfc8870:
@@ -899,7 +904,7 @@ cdef int srtp_rtcp(Core *c, const uint8_t *d, int64_t n, Out *o, Res *r) noexcep
     if not copy_fits(o, n, cnt):
         return ST_FULL
     if is_new:
-        commit_key(c, s, master, mlen, start, t.epoch, dv)
+        commit_key(c, s, master, mlen, start, t.epoch, ue.roc, dv)
         key = &s.keys[s.cur]
     elif t.long_ and c.rfc8870:
         key.epoch = t.epoch
@@ -1187,13 +1192,14 @@ cdef class FastForwarder:
         for ssrc in sorted(self._ref.streams):
             s = self._stream(ssrc)
             if s == NULL:  # an SSRC no packet can carry: nothing a packet could change
-                out[ssrc] = (None, None, -1, 0, self._ref.routes.get(ssrc, ()))
+                out[ssrc] = (None, None, -1, 0, None, self._ref.routes.get(ssrc, ()))
                 continue
             out[ssrc] = (
                 self._key_snapshot(s, s.cur),
                 self._key_snapshot(s, s.prev),
                 s.rtp_replay.highest,
                 _window_bits(&s.rtp_replay),
+                s.roc if s.roc >= 0 else None,
                 self._ref.routes.get(ssrc, ()),
             )
         return out
@@ -1491,6 +1497,7 @@ cdef class FastForwarder:
         s.key_len = st.profile.key_len
         s.cur = -1
         s.prev = -1
+        s.roc = -1
         replay_reset(&s.rtp_replay)
         for k in range(2):
             s.keys[k].sent = <uint64_t *>calloc(self.c.id_words, sizeof(uint64_t))

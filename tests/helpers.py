@@ -51,9 +51,10 @@ class Meeting:
         spi: int | None = None,
         seq: int = 1000,
         position: int = 2,
+        roc: int = 0,
     ) -> SenderStream:
         g = self.groups[spi if spi is not None else next(iter(self.groups))]
-        s = SenderStream(ssrc, kind, g, self.rand(16), position=position, seq=seq)
+        s = SenderStream(ssrc, kind, g, self.rand(16), position=position, seq=seq, roc=roc)
         self.senders[ssrc] = s
         self.fwd.add_stream(ssrc, kind, self.profile)
         self.route()

@@ -42,7 +42,6 @@ from ctms_media.wire.rtp import DESTINATION_BYTE_OFFSET, RtcpHeader, rtp_header_
 from ctms_media.wire.srtp import (
     SRTCP_E_BIT,
     Profile,
-    estimate_index,
     rtcp_tag,
     rtp_tag,
     tags_equal,
@@ -257,10 +256,9 @@ class Forwarder:
                     master_key, trailer.group.salt, start, trailer.epoch
                 )
         else:
-            ref = stream.reference_index()
-            if ref is None:
+            index = stream.rtp_index(seq)
+            if index is None:
                 raise _Drop(NO_KEY)
-            index = estimate_index(ref, seq)
             if index < 0:
                 raise _Drop(REPLAY)
             key = stream.key_for_index(index)
@@ -278,7 +276,7 @@ class Forwarder:
 
         # Accepted: commit, then build each receiver's bytes.
         if new_key is not None:
-            stream.commit(new_key)
+            stream.commit(new_key, roc)
         elif trailer.long and self.ekt_format == FORMAT_RFC8870:
             key.epoch = trailer.epoch
         stream.rtp_replay.accept(index)
@@ -405,7 +403,7 @@ class Forwarder:
             raise _Drop(AUTH)
 
         if new_key is not None:
-            stream.commit(new_key)
+            stream.commit(new_key, roc)
         elif trailer.long and self.ekt_format == FORMAT_RFC8870:
             key.epoch = trailer.epoch
         key.rtcp_replay.accept(index)

@@ -11,7 +11,13 @@ from dataclasses import dataclass, field
 
 from ctms_media.errors import ConfigError
 from ctms_media.wire.ekt import EktCipher, check_group
-from ctms_media.wire.srtp import Profile, ReplayWindow, rtcp_auth_key, rtp_auth_key
+from ctms_media.wire.srtp import (
+    Profile,
+    ReplayWindow,
+    estimate_index,
+    rtcp_auth_key,
+    rtp_auth_key,
+)
 
 KINDS = ("audio", "video")
 
@@ -82,6 +88,7 @@ class StreamState:
     current: KeyState | None = None
     previous: KeyState | None = None
     rtp_replay: ReplayWindow = field(default_factory=ReplayWindow)
+    roc: int | None = None  # from the first long trailer that verified (RTP or SRTCP)
 
     def find_key(self, master_key: bytes) -> KeyState | None:
         for k in (self.current, self.previous):
@@ -101,17 +108,26 @@ class StreamState:
             return prev
         return None
 
-    def reference_index(self) -> int | None:
-        """Where RFC 3711 index estimation is anchored: the highest accepted RTP index, or,
-        before any RTP was accepted, the start of a key first learnt from SRTCP."""
-        if self.rtp_replay.highest >= 0:
-            return self.rtp_replay.highest
-        if self.current is not None:
-            return self.current.start
-        return None
+    def rtp_index(self, seq: int) -> int | None:
+        """The RTP index of a short-trailer packet with ``seq`` (None: no key yet).
 
-    def commit(self, key: KeyState) -> None:
-        """Make ``key`` the newest key; the one it replaces stays for late packets."""
+        After the first accepted RTP packet, RFC 3711 estimation from the highest index. Before
+        it (the key came from SRTCP), the ROC its trailer carried is the stream's ROC
+        (wire.md §5: "initialized from the first long trailer that verifies"), so the packet is
+        ``roc << 16 | seq`` whatever half of the sequence space it is in: an estimate
+        anchored at the key's start would guess ``roc - 1`` for half of them.
+        """
+        if self.rtp_replay.highest >= 0:
+            return estimate_index(self.rtp_replay.highest, seq)
+        if self.roc is None:
+            return None
+        return (self.roc << 16) | seq
+
+    def commit(self, key: KeyState, roc: int) -> None:
+        """Make ``key`` the newest key; the one it replaces stays for late packets. ``roc``:
+        what the verifying trailer carried; the first one initializes the stream's ROC."""
+        if self.roc is None:
+            self.roc = roc
         self.previous = self.current
         self.current = key
 
@@ -122,4 +138,5 @@ class StreamState:
             self.previous.snapshot() if self.previous else None,
             self.rtp_replay.highest,
             self.rtp_replay.bits,
+            self.roc,
         )
