@@ -169,3 +169,28 @@ def test_a_rekey_across_a_rollover_keeps_late_packets_under_the_old_key(
     for _ in range(3):
         _forward_rtp(m, rooms, s)
     assert all(r.failed == 0 for r in rooms.values())
+
+
+@pytest.mark.parametrize(
+    ("isn", "seq"), [(1000, 40000), (20000, 65530)], ids=["isn-low-seq-high", "isn-mid-pre-wrap"]
+)
+@pytest.mark.parametrize("roc", [0, 3], ids=["roc0", "roc3"])
+@pytest.mark.parametrize(("fmt", "cipher", "profile"), FORMATS, ids=FORMAT_IDS)
+def test_a_key_announced_on_srtcp_long_after_its_start_covers_the_current_rtp(
+    make_forwarder, fmt, cipher, profile, roc, isn, seq
+):
+    """The key started at ``isn`` (its RTP never reached the relay); the first thing the
+    relay sees is an SRTCP SDES naming it, then short-trailer RTP more than 2^15 past the
+    key's start. The packet is ``ROC << 16 | SEQ`` (the ROC from the trailer), not an
+    estimate against the key's start one ROC back."""
+    m = _meeting(make_forwarder, fmt, cipher, profile)
+    s = m.sender(SSRC, "video", seq=isn, roc=roc)
+    s.skip_to(seq)
+    assert (s.key_start, s.roc) == ((roc << 16) | isn, roc)
+    rooms = _rooms(m)
+    _forward_sdes(m, s)
+    s._announce = False
+    _forward_rtp(m, rooms, s, expect_long_for={r.id for r in m.receivers})
+    for _ in range(9):
+        _forward_rtp(m, rooms, s)
+    assert all(r.failed == 0 for r in rooms.values())

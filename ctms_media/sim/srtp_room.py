@@ -132,6 +132,19 @@ class SenderStream:
         for dummy in walk_indices(index):
             self._session.protect(_dummy_rtp(self.ssrc, dummy))
 
+    def skip_to(self, seq: int) -> None:
+        """Move the stream forward to ``seq`` (same ROC or the next) without sending, as a
+        room does whose packets were lost: libsrtp's estimate is walked along so that its
+        next packet is protected at the new index."""
+        target = (self.index & ~0xFFFF) | seq
+        if target <= self.index:
+            target += 1 << 16
+        i = self.index  # the first skipped packet is "sent" (lost on the way)
+        while i < target:
+            self._session.protect(_dummy_rtp(self.ssrc, i))
+            i += 0x7000
+        self.roc, self.seq = target >> 16, target & 0xFFFF
+
     def rekey(self, key: bytes, group: EktGroup | None = None) -> None:
         """Start a new master key at the next packet (its ISN); optionally a new group."""
         if group is not None:
