@@ -1,4 +1,5 @@
-"""Command line: ``ctms-media demo | load | serve | bench | conformance | fuzz | soak``."""
+"""Command line: ``ctms-media demo | load | serve | bench | conformance | vectors | fuzz |
+soak``."""
 
 from __future__ import annotations
 
@@ -67,6 +68,14 @@ def _serve(args: argparse.Namespace) -> int:
     return run(config, workers=args.workers)
 
 
+def _vectors(args: argparse.Namespace) -> int:
+    from ctms_media.sim.vectors import generate
+
+    paths = generate(Path(args.directory), seed=args.seed)
+    print(f"wrote {len(paths)} vectors to {args.directory}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from ctms_media.benchmark import run_bench
 
@@ -81,6 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("directory", help="folder of *.json vectors (searched recursively)")
     p.add_argument("--max-failures", type=int, default=5, help="failure lines shown per file")
     p.set_defaults(func=_conformance)
+
+    p = sub.add_parser(
+        "vectors", help="write the crossed conformance set (formats, ciphers, ROC, SEQ, keys)"
+    )
+    p.add_argument("directory", help="folder to write *.json into (created if missing)")
+    p.add_argument("--seed", type=int, default=0, help="seed for keys and payloads")
+    p.set_defaults(func=_vectors)
 
     # -- demo (owner: ctms_media/demo.py) --
     p = sub.add_parser("demo", help="a simulated secure meeting through the relay on loopback")
